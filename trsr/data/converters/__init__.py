@@ -1,0 +1,24 @@
+"""Converters from each dataset's own format to the canonical tables.
+
+`convert(source)` dispatches on `source.format` to `trsr.data.converters.<format>`,
+whose `convert(source) -> ConvertedDataset` reads the raw files. Add a format by
+adding a module with that function and a config class in `trsr.config`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from trsr.config import SOURCE_FORMATS
+from trsr.data.converters.base import ConvertedDataset
+from trsr.errors import ConfigError
+
+
+def convert(source) -> ConvertedDataset:
+    if source.format not in SOURCE_FORMATS:
+        raise ConfigError(f"source.format: unknown format {source.format!r}; one of {SOURCE_FORMATS}")
+    module = importlib.import_module(f"trsr.data.converters.{source.format}")
+    return module.convert(source)
+
+
+__all__ = ["convert", "ConvertedDataset"]

@@ -1,0 +1,117 @@
+"""Paths that may be local or `s3://`: one place that knows how to open them.
+
+S3 goes through s3fs (wrapped as a pyarrow filesystem for Parquet and Ray Data), so
+the usual AWS environment variables apply: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION and AWS_ENDPOINT_URL (for MinIO, moto or any S3-compatible store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from functools import lru_cache
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+REMOTE_SCHEMES = ("s3://",)
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def join(base: str, *parts: str) -> str:
+    base = str(base)
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+@lru_cache(maxsize=None)
+def _s3fs(endpoint: str | None):
+    import s3fs
+
+    kwargs: dict[str, Any] = {}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    return s3fs.S3FileSystem(**kwargs)
+
+
+def fsspec_filesystem(path: str):
+    """The fsspec filesystem for `path` (s3fs for s3://, local otherwise)."""
+    if is_remote(path):
+        return _s3fs(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    import fsspec
+
+    return fsspec.filesystem("file")
+
+
+def arrow_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path within it (what Parquet and Ray Data take)."""
+    if is_remote(path):
+        handler = pafs.FSSpecHandler(fsspec_filesystem(path))
+        return pafs.PyFileSystem(handler), str(path)[len("s3://") :]
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    return fsspec_filesystem(path).exists(str(path))
+
+
+def makedirs(path: str) -> None:
+    if not is_remote(path):
+        os.makedirs(path, exist_ok=True)
+    # Object stores have no directories to create.
+
+
+def open_binary(path: str, mode: str = "rb") -> BinaryIO:
+    return fsspec_filesystem(path).open(str(path), mode)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_binary(path) as handle:
+        return handle.read()
+
+
+def local_or_bytes(path: str):
+    """What pyarrow/polars readers accept: the local path itself, or the remote bytes."""
+    if is_remote(path):
+        return pa.BufferReader(read_bytes(path))
+    return str(path)
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+    if parent:
+        makedirs(parent)
+    filesystem, inner = arrow_filesystem(path)
+    pq.write_table(table, inner, filesystem=filesystem, compression="zstd")
+
+
+def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
+    filesystem, inner = arrow_filesystem(path)
+    return pq.read_table(inner, filesystem=filesystem, columns=columns)
+
+
+def write_json(obj: Any, path: str) -> None:
+    parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+    if parent:
+        makedirs(parent)
+    with open_binary(path, "wb") as handle:
+        handle.write((json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path).decode())
+
+
+def write_text(text: str, path: str) -> None:
+    parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
+    if parent:
+        makedirs(parent)
+    with open_binary(path, "wb") as handle:
+        handle.write(text.encode())
