@@ -168,3 +168,19 @@ def reject_users(
             ).to_arrow()
         )
     return frame.filter(condition.not_())
+
+
+_DISPLAY_NAMES = {"desc": "Description"}
+
+
+def display_name(column: str) -> str:
+    """The attribute name shown in prompts for a source column.
+
+    "movie_title" -> "Movie title", "release_year" -> "Release year", "title" -> "Title";
+    a few abbreviations are spelled out ("desc" -> "Description").
+    """
+    special = _DISPLAY_NAMES.get(column.strip().lower())
+    if special is not None:
+        return special
+    words = " ".join(column.replace("_", " ").replace("-", " ").split())
+    return words[:1].upper() + words[1:] if words else column

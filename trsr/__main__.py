@@ -1,0 +1,5 @@
+import sys
+
+from trsr.cli import main
+
+sys.exit(main())

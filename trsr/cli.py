@@ -1,0 +1,206 @@
+"""The `trsr` command line. Thin: parse arguments, build a config, call the library.
+
+    trsr data generate   write a synthetic MIND-format dataset (learnable structure)
+    trsr data prepare    convert a raw dataset, sample ranking lists, write Parquet + stats
+    trsr data stats      print the paper's Table 1 for a prepared run folder
+    trsr run             run the whole pipeline from one experiment config
+
+Every command that takes --config also takes --set key=value overrides (dotted keys,
+YAML values), e.g. --set prepare.protocol.min_history=5. Configs: jobs/configs/*.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Sequence
+
+from trsr import __version__
+from trsr.config import SOURCE_FORMATS, ExperimentConfig, SyntheticConfig, load
+from trsr.errors import TrsrError
+
+EPILOG = (
+    "Paths may be local or s3://bucket/prefix (AWS_* environment variables configure S3). "
+    "Docs: README.md; configs: jobs/configs/."
+)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--config", required=required, help="experiment YAML (jobs/configs/*.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (dotted key, YAML value); repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trsr",
+        description="LLM-based text-rich sequential recommendation (LLM-TRSR) as Ray batch jobs.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"trsr {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    data = commands.add_parser("data", help="dataset commands: generate, prepare, stats",
+                               description="Dataset commands.")
+    data_commands = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+
+    generate = data_commands.add_parser(
+        "generate",
+        help="write a synthetic MIND-format dataset (users with drifting topic interests)",
+        description="Write behaviors.tsv and news.tsv in MIND's format with learnable "
+        "structure, for demos, tests and benchmarks. Same options + seed = same bytes.",
+    )
+    generate.add_argument("--output", required=True, help="folder to write (local or s3://)")
+    for name, field in SyntheticConfig.model_fields.items():
+        generate.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            default=field.default,
+            help=f"{field.description or name} (default {field.default})",
+        )
+
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="convert a raw dataset and sample ranking lists into a run folder",
+        description="Convert a raw dataset (MIND, Amazon-M2, RecBole atomic files, or a "
+        "generic interactions + items table) to canonical Parquet, apply the protocol "
+        "(history 10-25 items, split by user, 1:1 train and 1:20 valid/test negatives "
+        "excluding the user's history, shuffled candidates), and write items, sequences, "
+        "samples/{train,valid,test}, rejects (with reasons) and stats.json into "
+        "<run_dir>/prepared. Either give FORMAT and --input, or --config.",
+        epilog=EPILOG,
+    )
+    prepare.add_argument("format", nargs="?", choices=SOURCE_FORMATS, help="raw dataset format")
+    prepare.add_argument("--input", help="folder with the raw files (source.path)")
+    prepare.add_argument("--run-dir", help="run folder (run_dir); required without --config")
+    prepare.add_argument("--seed", type=int, help="seed for split, negatives and order")
+    prepare.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    _add_config_args(prepare, required=False)
+
+    stats = data_commands.add_parser(
+        "stats",
+        help="print Table 1 (attributes, positives per split, history length, tokens/item)",
+        description="Print the paper's Table 1 for a prepared run folder, counting tokens "
+        "per item with the given tokenizer, plus the run's accounting.",
+    )
+    stats.add_argument("run_dir", help="run folder holding prepared/")
+    stats.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'whitespace' or a model reference, e.g. smollm2-135m-instruct "
+        "(default: the one used at prepare time)",
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    run = commands.add_parser(
+        "run",
+        help="run the pipeline from one experiment config",
+        description="Run every stage of an experiment config into its run folder; a stage "
+        "whose outputs exist for the same config and inputs is skipped. Stages so far: "
+        "prepare (summarize, train, score and evaluate are added as they land).",
+        epilog=EPILOG,
+    )
+    run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
+    _add_config_args(run, required=True)
+    return parser
+
+
+def _experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    base: dict = {}
+    if args.config is None:
+        if not args.format or not args.input or not args.run_dir:
+            raise TrsrError(
+                "trsr data prepare: give FORMAT, --input and --run-dir, or --config "
+                "(see `trsr data prepare --help`)"
+            )
+    overrides = list(args.overrides)
+    if args.format:
+        overrides.insert(0, f"prepare.source.format={args.format}")
+    if args.input:
+        overrides.insert(0, f"prepare.source.path={args.input}")
+    if args.run_dir:
+        overrides.insert(0, f"run_dir={args.run_dir}")
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    return load(ExperimentConfig, args.config, overrides, base=base)
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from trsr.data.synthetic import generate_mind
+
+    fields = {name: getattr(args, name) for name in SyntheticConfig.model_fields}
+    summary = generate_mind(SyntheticConfig(**fields), args.output)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from trsr.data.prepare import describe, prepare
+
+    experiment = _experiment_from_args(args)
+    stats = prepare(experiment, force=args.force)
+    print(describe(stats))
+    note = " (up to date, skipped)" if stats.get("skipped") else ""
+    print(f"\nprepared data in {experiment.run_dir}/prepared{note}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from trsr import storage
+    from trsr.data.prepare import describe
+    from trsr.data.schema import SPLITS
+    from trsr.data.stats import table1
+    from trsr.runs import RunFolder
+
+    run = RunFolder(args.run_dir)
+    path = run.stats("prepared")
+    if not storage.exists(path):
+        raise TrsrError(f"{path}: not found; run `trsr data prepare` into {args.run_dir} first")
+    stats = storage.read_json(path)
+    if args.tokenizer and args.tokenizer != stats["table1"].get("tokenizer"):
+        samples = {split: storage.read_parquet(run.samples(split)) for split in SPLITS}
+        stats["table1"] = table1(storage.read_parquet(run.items()), samples, args.tokenizer, stats["seed"])
+    print(json.dumps(stats, indent=2) if args.json else describe(stats))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from trsr.pipeline import run_pipeline
+
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    run_pipeline(experiment, force=args.force)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {
+        ("data", "generate"): _cmd_generate,
+        ("data", "prepare"): _cmd_prepare,
+        ("data", "stats"): _cmd_stats,
+        ("run", None): _cmd_run,
+    }
+    key = (args.command, getattr(args, "data_command", None))
+    try:
+        return handlers[key](args)
+    except TrsrError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

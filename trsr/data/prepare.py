@@ -1,0 +1,126 @@
+"""The prepare stage: raw dataset -> canonical Parquet + ranking lists + stats.
+
+    (synthetic) -> convert -> protocol -> write prepared/ -> stats
+
+It runs in the job's driver process with vectorised polars/pyarrow (a MIND-large
+conversion fits comfortably in one process); Ray enters in the stages after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pyarrow as pa
+
+from trsr import storage
+from trsr.config import ExperimentConfig, fingerprint
+from trsr.data import protocol
+from trsr.data.converters import convert
+from trsr.data.rejects import Rejects
+from trsr.data.schema import SPLITS
+from trsr.data.stats import format_accounting, format_table1, table1
+from trsr.runs import RunFolder, inputs_signature
+
+log = logging.getLogger(__name__)
+STAGE = "prepared"
+
+
+def stage_fingerprint(experiment: ExperimentConfig) -> str:
+    config = experiment.prepare
+    return fingerprint(config, experiment.seed, inputs_signature(config.source.path))
+
+
+def ensure_synthetic(experiment: ExperimentConfig) -> None:
+    """Generate the synthetic MIND-format source when configured and absent."""
+    config = experiment.prepare
+    if config.synthetic is None:
+        return
+    if config.source.format != "mind":
+        raise ValueError("prepare.synthetic generates MIND format: set prepare.source.format=mind")
+    folder = config.source.path
+    behaviors = storage.join(folder, config.source.behaviors)
+    if storage.exists(behaviors):
+        return
+    from trsr.data.synthetic import generate_mind
+
+    log.info("generating synthetic MIND-format data into %s", folder)
+    generate_mind(config.synthetic, folder)
+
+
+def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
+    """Run the prepare stage into `<run_dir>/prepared`; return its stats.
+
+    Skipped (stats read back) when a previous run had the same config and inputs.
+    """
+    run = RunFolder(experiment.run_dir)
+    config = experiment.prepare
+    ensure_synthetic(experiment)
+    key = stage_fingerprint(experiment)
+    if not force and run.is_complete(STAGE, key):
+        log.info("prepare: outputs in %s are up to date; skipping", run.prepared)
+        stats = storage.read_json(run.stats(STAGE))
+        stats["skipped"] = True
+        return stats
+
+    started = time.perf_counter()
+    converted = convert(config.source)
+    convert_seconds = time.perf_counter() - started
+
+    rejects = Rejects()
+    rejects.extend(converted.rejects)
+    result = protocol.build_samples(
+        converted.sequences,
+        converted.items.column("item_id"),
+        config.protocol,
+        experiment.seed,
+        rejects,
+    )
+
+    storage.write_parquet(converted.items, run.items())
+    storage.write_parquet(converted.sequences, run.sequences())
+    for split in SPLITS:
+        storage.write_parquet(result.samples[split], run.samples(split))
+    storage.write_parquet(rejects.table(), run.rejects(STAGE))
+
+    counts = dict(converted.counts)
+    counts.setdefault("users_in", converted.sequences.num_rows + counts.get("users_rejected", 0))
+    counts.setdefault("users_rejected", 0)
+    counts["users_out"] = converted.sequences.num_rows
+    stats = {
+        "source": config.source.model_dump(mode="json"),
+        "seed": experiment.seed,
+        "table1": table1(converted.items, result.samples, config.stats_tokenizer, experiment.seed),
+        "accounting": {
+            "convert": counts,
+            "protocol": {
+                "users_in": result.users_in,
+                "users_per_split": result.users_per_split,
+                "excluded": result.excluded,
+            },
+        },
+        "rejects": rejects.counts(),
+        "items": converted.items.num_rows,
+        "seconds": {"convert": round(convert_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+    }
+    _check_accounting(stats)
+    storage.write_json(stats, run.stats(STAGE))
+    run.mark_complete(STAGE, key, {"users": result.users_per_split})
+    stats["skipped"] = False
+    return stats
+
+
+def _check_accounting(stats: dict) -> None:
+    convert_counts = stats["accounting"]["convert"]
+    if convert_counts["users_in"] != convert_counts["users_out"] + convert_counts["users_rejected"]:
+        raise AssertionError(f"converter accounting does not add up: {convert_counts}")
+
+
+def load_samples(run_dir: str, split: str) -> pa.Table:
+    return storage.read_parquet(RunFolder(run_dir).samples(split))
+
+
+def describe(stats: dict) -> str:
+    """Human-readable summary printed at the end of `trsr data prepare`."""
+    title = stats["source"].get("format", "dataset")
+    return format_table1(stats["table1"], title) + "\n\n" + format_accounting(stats["accounting"])
