@@ -1,0 +1,67 @@
+import pytest
+
+from trsr.config import ExperimentConfig, fingerprint, load
+from trsr.errors import ConfigError
+
+RECIPE = """
+run_dir: runs/x
+seed: 7
+prepare:
+  source: {format: mind, path: data/mind}
+  protocol: {min_history: 5}
+"""
+
+
+def write(tmp_path, text=RECIPE):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_recipe_with_dotted_overrides(tmp_path):
+    config = load(ExperimentConfig, write(tmp_path), ["prepare.protocol.max_history=30", "seed=9"])
+    assert config.seed == 9
+    assert config.prepare.protocol.min_history == 5
+    assert config.prepare.protocol.max_history == 30
+    assert config.prepare.source.format == "mind"
+    assert config.prepare.source.news == "news.tsv"  # default kept
+
+
+def test_override_switches_source_format_and_validates_it(tmp_path):
+    config = load(ExperimentConfig, write(tmp_path), ["prepare.source.format=recbole"])
+    assert config.prepare.source.format == "recbole"
+    with pytest.raises(ConfigError, match="prepare.source"):
+        load(ExperimentConfig, write(tmp_path), ["prepare.source.format=nope"])
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ConfigError, match="prepare.protocol.min_histroy"):
+        load(ExperimentConfig, write(tmp_path), ["prepare.protocol.min_histroy=3"])
+
+
+def test_bad_values_and_files_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="min_history"):
+        load(ExperimentConfig, write(tmp_path), ["prepare.protocol.min_history=abc"])
+    with pytest.raises(ConfigError, match="not found"):
+        load(ExperimentConfig, tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        load(ExperimentConfig, write(tmp_path), ["seed"])
+    with pytest.raises(ConfigError, match="run_dir"):
+        load(ExperimentConfig, write(tmp_path, "prepare: {source: {format: mind, path: x}}\n"))
+
+
+def test_fingerprint_changes_with_config_only():
+    a = load(ExperimentConfig, None, ["run_dir=r", "prepare.source.format=mind", "prepare.source.path=p"])
+    b = load(ExperimentConfig, None, ["run_dir=r", "prepare.source.format=mind", "prepare.source.path=p"])
+    c = load(ExperimentConfig, None, ["run_dir=r", "prepare.source.format=mind", "prepare.source.path=q"])
+    assert fingerprint(a.prepare) == fingerprint(b.prepare)
+    assert fingerprint(a.prepare) != fingerprint(c.prepare)
+
+
+def test_shipped_recipes_validate():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        load(ExperimentConfig, recipe)
