@@ -56,8 +56,8 @@ __all__ = [
 
 DEFAULT_KS: tuple[int, ...] = (3, 5, 10)
 TIES = ("random", "pessimistic", "optimistic")
-METRICS = ("recall", "mrr", "ndcg")
 _MAX_NAMED = 5  # how many offending list ids an error message names
+_MAX_KEY = 2**62  # bound on the combined (list, score rank) sort key
 
 
 # --------------------------------------------------------------------------- inputs
@@ -191,14 +191,7 @@ def per_list_metrics(
     negatives = size - positives
     start = np.concatenate(([0], np.cumsum(size)[:-1])) if n_lists else size
 
-    # Rank by list, then descending score, then the tie-break key (ascending).
-    if ties == "random":
-        tiebreak = np.random.default_rng(seed).permutation(codes.size)
-    elif ties == "pessimistic":
-        tiebreak = label  # negatives (0) first among equal scores
-    else:
-        tiebreak = 1 - label  # positives first among equal scores
-    order = np.lexsort((tiebreak, -score, codes))
+    order, run_first, run_last = _rank_order(codes, n_lists, score, label, ties, seed)
     sorted_codes = codes[order]
     sorted_label = label[order].astype(bool)
     rank = np.arange(codes.size) - start[sorted_codes] + 1  # 1-based within the list
@@ -223,41 +216,79 @@ def per_list_metrics(
         result[f"mrr@{k}"] = np.where(first_rank <= k, 1.0 / first_rank, 0.0)
         dcg = np.bincount(pos_codes, weights=np.where(hit, gain, 0.0), minlength=n_lists)
         result[f"ndcg@{k}"] = dcg / ideal[np.minimum(positives, k)]
-    result["auc"] = _auc(codes, label, score, start, positives, negatives)
+    # AUC (Mann-Whitney U) from ascending mid-ranks: a tie run holding descending
+    # positions first..last of its list has ascending mid-rank size + 1 - its mean rank.
+    mid = (run_first + run_last)[sorted_label] / 2.0 - start[pos_codes]  # 0-based
+    ascending = size[pos_codes] - mid
+    rank_sum = np.bincount(pos_codes, weights=ascending, minlength=n_lists)
+    pairs = positives * negatives
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - positives * (positives + 1) / 2.0) / pairs
+    result["auc"] = np.where(pairs > 0, auc, np.nan)
     result["positives"] = positives
     result["size"] = size
     return result
 
 
-def _auc(
+def _rank_order(
     codes: np.ndarray,
-    label: np.ndarray,
+    n_lists: int,
     score: np.ndarray,
-    start: np.ndarray,
-    positives: np.ndarray,
-    negatives: np.ndarray,
-) -> np.ndarray:
-    """Per-list AUC from mid-ranks (Mann-Whitney U), ties counting 1/2."""
-    n_lists = start.size
-    order = np.lexsort((score, codes))  # ascending score within each list
-    sorted_codes = codes[order]
-    sorted_score = score[order]
+    label: np.ndarray,
+    ties: str,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row order by list, descending score, then the tie rule.
+
+    Returns `order` and, for every sorted position, the first and last sorted position
+    of its tie run (the rows of its list with the same score).
+    """
     n = codes.size
-    # Tie groups: maximal runs with the same list and the same score.
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = (sorted_codes[1:] != sorted_codes[:-1]) | (
-        sorted_score[1:] != sorted_score[:-1]
+    if n == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty
+    # Dense rank of the scores, descending (equal scores share a rank).
+    by_score = np.argsort(-score)
+    descending = -score[by_score]
+    new_value = np.empty(n, dtype=bool)
+    new_value[0] = True
+    np.not_equal(descending[1:], descending[:-1], out=new_value[1:])
+    dense = np.empty(n, dtype=np.int64)
+    dense[by_score] = np.cumsum(new_value) - 1
+    distinct = int(dense.max()) + 1
+    if n_lists * distinct < _MAX_KEY:
+        # One integer key (list, score rank); stable, so ties keep the input order.
+        order = np.argsort(codes * distinct + dense, kind="stable")
+    else:  # the key would overflow int64: sort on the two keys (slower)
+        order = np.lexsort((dense, codes))
+    sorted_codes = codes[order]
+    sorted_dense = dense[order]
+    run_start = np.empty(n, dtype=bool)
+    run_start[0] = True
+    run_start[1:] = (sorted_codes[1:] != sorted_codes[:-1]) | (
+        sorted_dense[1:] != sorted_dense[:-1]
     )
-    group = np.cumsum(new_group) - 1
-    group_first = np.flatnonzero(new_group)
-    group_last = np.concatenate((group_first[1:] - 1, [n - 1])) if n else group_first
-    midrank = (group_first + group_last)[group] / 2.0 - start[sorted_codes] + 1.0
-    pos = label[order].astype(bool)
-    rank_sum = np.bincount(sorted_codes[pos], weights=midrank[pos], minlength=n_lists)
-    pairs = positives * negatives
-    with np.errstate(invalid="ignore", divide="ignore"):
-        auc = (rank_sum - positives * (positives + 1) / 2.0) / pairs
-    return np.where(pairs > 0, auc, np.nan)
+    run_id = np.cumsum(run_start) - 1
+    starts = np.flatnonzero(run_start)
+    ends = np.concatenate((starts[1:] - 1, [n - 1]))
+    run_first = starts[run_id]
+    run_last = ends[run_id]
+
+    # Reorder the rows of each tie run (only those) by the tie rule.
+    tied = np.flatnonzero(run_first != run_last)
+    if tied.size:
+        tied_run = run_id[tied]
+        if ties == "random":
+            spread = tied.size
+            rule = np.random.default_rng(seed).permutation(tied.size)
+        else:
+            spread = 2
+            tied_label = label[order[tied]].astype(np.int64)
+            # ascending = earlier = better rank: negatives first when pessimistic
+            rule = tied_label if ties == "pessimistic" else 1 - tied_label
+        within = np.argsort(tied_run * spread + rule, kind="stable")
+        order[tied] = order[tied][within]
+    return order, run_first, run_last
 
 
 def summarize(per_list: dict[str, np.ndarray]) -> dict[str, float]:
