@@ -24,7 +24,8 @@ def table1(
     Tokens per item are counted on the rendered item text (what prompts contain) over
     the items that appear in the samples (histories and candidates).
     """
-    names = pc.unique(pc.list_flatten(items.column("attributes")).field("name"))
+    flat = pc.list_flatten(items.column("attributes").combine_chunks())
+    names = pc.unique(flat.field("name")) if len(flat) else pa.array([], pa.string())
     out: dict = {"attributes": len(names), "attribute_names": names.to_pylist()}
     lengths = []
     for split in SPLITS:

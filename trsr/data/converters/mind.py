@@ -65,6 +65,7 @@ _IMPRESSIONS_VALID = rf"^\s*(?:{_TOKEN}(?:\s+|$))*$"
 # On a validated field every "-1" ends a clicked token.
 _CLICKED = r"[^\s-]+-1"
 _IDS = r"\S+"
+_IDS_PER_BATCH = 4_000_000
 
 REASON_EMPTY_USER = "empty user id"
 REASON_BAD_TIME = "unparseable time (expected M/D/YYYY H:MM:SS AM/PM)"
@@ -82,8 +83,7 @@ def convert(source: MindSource) -> ConvertedDataset:
 
     rejects = Rejects()
     items, item_counts = _convert_news(news_path, attributes, rejects)
-    known = pl.Series("item_id", items.column("item_id").to_pylist() if items.num_rows < 1 else None, pl.Utf8) \
-        if items.num_rows < 1 else pl.from_arrow(items.column("item_id")).alias("item_id")
+    known = pl.from_arrow(items.column("item_id").combine_chunks()).alias("item_id")
     sequences, sequence_counts = _convert_behaviors(behaviors_path, known, rejects)
 
     counts = {**sequence_counts, **item_counts}
@@ -126,7 +126,7 @@ def _require_nonempty(path: str) -> None:
         raise InputFileError(f"{path}: file is empty")
 
 
-def _read(path: str, columns: list[str], what: str, rejects: Rejects) -> tuple[pa.Table, pa.Table]:
+def _read(path: str, columns: list[str], what: str) -> tuple[pa.Table, pa.Table]:
     """read_delimited with its rejects kept apart: (kept rows, reject rows)."""
     read_rejects = Rejects()
     table = read_delimited(
@@ -162,7 +162,7 @@ def _id_from_raw(raw: pl.Expr, index: int) -> pl.Expr:
 
 
 def _convert_news(path: str, attributes: dict[str, str], rejects: Rejects) -> tuple[pa.Table, dict]:
-    table, read_rejected = _read(path, NEWS_COLUMNS, "MIND news", rejects)
+    table, read_rejected = _read(path, NEWS_COLUMNS, "MIND news")
     read_rejected = pl.from_arrow(read_rejected)
     # Name the news id of a record with the wrong field count when it is readable.
     read_rejected = read_rejected.with_columns(
@@ -207,7 +207,7 @@ def _convert_news(path: str, attributes: dict[str, str], rejects: Rejects) -> tu
 
 
 def _convert_behaviors(path: str, known: pl.Series, rejects: Rejects) -> tuple[pa.Table, dict]:
-    table, read_rejected = _read(path, BEHAVIOR_COLUMNS, "MIND behaviors", rejects)
+    table, read_rejected = _read(path, BEHAVIOR_COLUMNS, "MIND behaviors")
     read_rejected = _name_rejected_users(path, pl.from_arrow(read_rejected))
     rejects.add_table(read_rejected.to_arrow())
 
@@ -244,6 +244,7 @@ def _convert_behaviors(path: str, known: pl.Series, rejects: Rejects) -> tuple[p
     del bad
 
     kept = kept.with_row_index("_idx")
+    kept_rows = kept.height
     histories, unknown_history = _histories(kept, known, path, rejects)
     clicks, unknown_clicks = _clicks(kept.drop("history"), known, path, rejects)
     del kept
@@ -251,17 +252,18 @@ def _convert_behaviors(path: str, known: pl.Series, rejects: Rejects) -> tuple[p
     joined = histories.join(clicks, on="user_id", how="left").select(
         "user_id",
         pl.concat_list(
-            "history", pl.col("clicks").fill_null(pl.lit([], dtype=pl.List(pl.Utf8)))
+            "item_ids", pl.col("clicks").fill_null(pl.lit([], dtype=pl.List(pl.Utf8)))
         ).alias("item_ids"),
         pl.concat_list(
-            pl.lit(None, pl.Int64).repeat_by(pl.col("history").list.len()),
+            pl.lit(None, pl.Int64).repeat_by(pl.col("item_ids").list.len()),
             pl.col("click_ts").fill_null(pl.lit([], dtype=pl.List(pl.Int64))),
         ).alias("timestamps"),
     )
+    del histories, clicks
     sequences = sequences_from_frame(joined.sort("user_id"), timestamps_column="timestamps")
     counts = {
         "rows_in": rows_in,
-        "rows_rejected": rows_in - clicks_rows_placeholder(histories, rows_in) if False else 0,
+        "rows_rejected": rows_in - kept_rows,
         "users_in": sequences.num_rows + users_rejected,
         "users_rejected": users_rejected,
         "unknown_item_occurrences": unknown_history + unknown_clicks,
@@ -269,5 +271,171 @@ def _convert_behaviors(path: str, known: pl.Series, rejects: Rejects) -> tuple[p
     return sequences, counts
 
 
-def clicks_rows_placeholder(*_):  # pragma: no cover - replaced below
-    raise NotImplementedError
+def _row_rejects(bad: pl.DataFrame, path: str, empty_user: pl.Expr, bad_time: pl.Expr) -> pl.DataFrame:
+    """One reject per bad record, naming its first problem (user id, time, impressions)."""
+    first_bad_token = (
+        pl.col("impressions")
+        .str.extract_all(_IDS)
+        .list.eval(pl.element().filter(pl.element().str.contains(_TOKEN_FULL).not_()))
+        .list.first()
+    )
+    return bad.select(
+        pl.lit(CONVERT).alias("stage"),
+        pl.lit(path).alias("source"),
+        pl.col(ROW).alias("row"),
+        pl.when(empty_user)
+        .then(pl.lit("user_id"))
+        .when(bad_time)
+        .then(pl.lit("time"))
+        .otherwise(pl.lit("impressions"))
+        .alias("field"),
+        pl.when(empty_user)
+        .then(pl.lit(REASON_EMPTY_USER))
+        .when(bad_time)
+        .then(pl.lit(REASON_BAD_TIME))
+        .otherwise(pl.lit(REASON_BAD_TOKEN))
+        .alias("reason"),
+        pl.when(empty_user).then(None).otherwise(pl.col("user_id")).alias("user_id"),
+        pl.when(empty_user)
+        .then(pl.lit(None, pl.Utf8))
+        .when(bad_time)
+        .then(pl.col("time"))
+        .otherwise(first_bad_token)
+        .alias("raw"),
+    )
+
+
+def _name_rejected_users(path: str, rejected: pl.DataFrame) -> pl.DataFrame:
+    """Fill in the user id of records read_delimited refused, where it is readable.
+
+    Wrong field count: the raw text is the record, its second field is the user id.
+    Invalid UTF-8 in another field: the record is looked up in the file (rare path).
+    """
+    if rejected.height == 0:
+        return rejected
+    rejected = rejected.with_columns(
+        pl.when(pl.col("field").is_null())
+        .then(_id_from_raw(pl.col("raw"), 1))
+        .otherwise(pl.col("user_id"))
+        .alias("user_id")
+    )
+    wanted_rows = (
+        rejected.filter(pl.col("field").is_not_null() & (pl.col("field") != "user_id"))
+        .get_column("row")
+        .drop_nulls()
+        .unique()
+        .to_list()
+    )
+    if wanted_rows:
+        # Rows whose user id field itself is invalid stay unnamed.
+        unreadable = set(
+            rejected.filter(pl.col("field") == "user_id").get_column("row").drop_nulls().to_list()
+        )
+        found = _user_ids_of_records(path, set(wanted_rows) - unreadable)
+        if found:
+            lookup = pl.DataFrame(
+                {"row": list(found), "_found": list(found.values())},
+                schema={"row": pl.Int64, "_found": pl.Utf8},
+            )
+            rejected = (
+                rejected.join(lookup, on="row", how="left")
+                .with_columns(pl.coalesce("user_id", "_found").alias("user_id"))
+                .drop("_found")
+            )
+    return rejected
+
+
+def _user_ids_of_records(path: str, records: set[int]) -> dict[int, str]:
+    """User ids of the given 1-based records (blank lines are not records)."""
+    found: dict[int, str] = {}
+    if not records:
+        return found
+    last = max(records)
+    number = 0
+    with storage.open_binary(path) as handle:
+        for line in handle:
+            if not line.rstrip(b"\r\n"):
+                continue
+            number += 1
+            if number in records:
+                fields = line.split(b"\t")
+                if len(fields) > 1:
+                    try:
+                        user = fields[1].decode("utf-8").strip()
+                    except UnicodeDecodeError:
+                        user = ""
+                    if user:
+                        found[number] = user
+            if number >= last:
+                break
+    return found
+
+
+def _drop_unknown(
+    frame: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects, field_name: str
+) -> tuple[pl.DataFrame, int]:
+    """drop_unknown_items, run only on the records that hold an unknown id.
+
+    Exploding every history costs memory; most records (all, on the full MIND
+    releases) are clean, so a cheap per-list test sets them aside first.
+    """
+    unknown = pl.col("item_ids").list.eval(pl.element().is_in(known.implode()).not_()).list.any()
+    frame = frame.with_columns(unknown.alias("_unknown"))
+    dirty = frame.filter(pl.col("_unknown")).drop("_unknown")
+    if dirty.height == 0:
+        return frame.drop("_unknown"), 0
+    clean = frame.filter(pl.col("_unknown").not_()).drop("_unknown")
+    del frame
+    # In slices of about _IDS_PER_BATCH ids: exploding them all at once costs GiBs.
+    mean_length = max(1.0, dirty.get_column("item_ids").list.len().mean() or 1.0)
+    step = max(1, int(_IDS_PER_BATCH / mean_length))
+    parts, removed = [clean], 0
+    for start in range(0, dirty.height, step):
+        cleaned, count = drop_unknown_items(
+            dirty.slice(start, step), known, path, rejects, field_name=field_name
+        )
+        parts.append(cleaned.select(clean.columns))
+        removed += count
+    return pl.concat(parts, how="vertical"), removed
+
+
+def _histories(kept: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects) -> tuple[pl.DataFrame, int]:
+    """user_id, item_ids: the history of each user's earliest row, unknown ids removed."""
+    earliest = kept.group_by("user_id").agg(
+        pl.col("_idx").sort_by(["ts", "_idx"]).first().alias("_idx")
+    )
+    histories = kept.select("_idx", "user_id", ROW, "history").join(
+        earliest.select("_idx"), on="_idx", how="semi"
+    )
+    histories = histories.select(
+        "user_id",
+        pl.col(ROW).alias("row"),
+        pl.col("history").str.extract_all(_IDS).alias("item_ids"),
+    )
+    histories, unknown = _drop_unknown(histories, known, path, rejects, "history")
+    return histories.select("user_id", "item_ids"), unknown
+
+
+def _clicks(kept: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects) -> tuple[pl.DataFrame, int]:
+    """user_id, clicks, click_ts: clicked news of all of a user's rows in time order."""
+    rows = kept.select(
+        "_idx",
+        "user_id",
+        "ts",
+        pl.col(ROW).alias("row"),
+        pl.col("impressions").str.extract_all(_CLICKED).alias("item_ids"),
+    ).filter(pl.col("item_ids").list.len() > 0)
+    rows = rows.with_columns(
+        pl.col("item_ids").list.eval(pl.element().str.head(-2)),
+        pl.col("ts").repeat_by(pl.col("item_ids").list.len()).alias("timestamps"),
+    )
+    rows, unknown = _drop_unknown(rows, known, path, rejects, "impressions")
+    clicks = (
+        rows.sort("user_id", "ts", "_idx")
+        .select("user_id", "item_ids", "timestamps")
+        .explode("item_ids", "timestamps")
+        .filter(pl.col("item_ids").is_not_null())
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("item_ids").alias("clicks"), pl.col("timestamps").alias("click_ts"))
+    )
+    return clicks, unknown
