@@ -1,6 +1,7 @@
 import pytest
 
-from trsr.config import ExperimentConfig, fingerprint, load
+from trsr.config import fingerprint, load
+from trsr.experiment import ExperimentConfig
 from trsr.errors import ConfigError
 
 RECIPE = """

@@ -18,7 +18,8 @@ import sys
 from typing import Sequence
 
 from trsr import __version__
-from trsr.config import SOURCE_FORMATS, ExperimentConfig, SyntheticConfig, load
+from trsr.config import SOURCE_FORMATS, SyntheticConfig, load
+from trsr.experiment import ExperimentConfig
 from trsr.errors import TrsrError
 
 EPILOG = (

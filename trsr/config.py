@@ -1,4 +1,8 @@
-"""Typed configuration: one experiment config, YAML recipes, dotted CLI overrides.
+"""Typed configuration: sections, YAML recipes, dotted CLI overrides.
+
+This module holds the config machinery and the data sections (sources, protocol,
+prepare). Each later stage declares its section next to its code
+(`trsr.summarize.config`, ...); `trsr.experiment.ExperimentConfig` composes them.
 
 An experiment is one YAML recipe (see `jobs/configs/`): a run folder, a seed, and
 one section per stage. Every job reads the same recipe and uses its own section, so
@@ -165,17 +169,6 @@ class PrepareConfig(Section):
     # Tokenizer for the stats' tokens-per-item: "whitespace", a model reference
     # (see trsr.llm.models), e.g. "smollm2-135m-instruct".
     stats_tokenizer: str = "whitespace"
-
-
-# ------------------------------------------------------------------------ experiment
-
-
-class ExperimentConfig(Section):
-    """One experiment = one run folder; each stage reads its own section."""
-
-    run_dir: str
-    seed: int = 42
-    prepare: PrepareConfig
 
 
 # ---------------------------------------------------------------------------- loading

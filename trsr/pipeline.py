@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from trsr.config import ExperimentConfig
+from trsr.experiment import ExperimentConfig
 
 
 def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:

@@ -14,7 +14,8 @@ import time
 import pyarrow as pa
 
 from trsr import storage
-from trsr.config import ExperimentConfig, fingerprint
+from trsr.config import fingerprint
+from trsr.experiment import ExperimentConfig
 from trsr.data import protocol
 from trsr.data.converters import convert
 from trsr.data.rejects import Rejects

@@ -1,0 +1,81 @@
+import pytest
+
+from trsr.errors import ConfigError
+from trsr.summarize.checks import check_generation, trim_to_sentence
+from trsr.summarize.prompts import DOMAINS, load_prompts
+from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
+from trsr.summarize.stages import steps_needed
+
+
+def test_presets_differ_by_domain_and_fill_placeholders():
+    news, shopping = load_prompts("news"), load_prompts("shopping")
+    assert "news" in news.block and "shopping" in shopping.block
+    assert news.hash != shopping.hash
+    for domain in DOMAINS:
+        prompts = load_prompts(domain)
+        assert "1. A" in prompts.block_prompt("1. A")
+        merged = prompts.merge_prompt(["first", "second"])
+        assert "1. first" in merged and "2. second" in merged
+        update = prompts.update_prompt("likes sport", "1. B")
+        assert "likes sport" in update and "1. B" in update
+        assert "{" not in update
+
+
+def test_override_file_replaces_templates_and_is_validated(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("block: 'Summarize: {items}'\n")
+    prompts = load_prompts("news", str(path))
+    assert prompts.block_prompt("X") == "Summarize: X"
+    assert prompts.merge == load_prompts("news").merge
+    path.write_text("block: 'no placeholder'\n")
+    with pytest.raises(ConfigError, match="placeholder"):
+        load_prompts("news", str(path))
+    path.write_text("blok: '{items}'\n")
+    with pytest.raises(ConfigError, match="unknown template"):
+        load_prompts("news", str(path))
+    with pytest.raises(ConfigError, match="unknown domain"):
+        load_prompts("sports")
+
+
+def test_blocks_keep_every_item_in_order():
+    items = list(range(23))
+    blocks = blocks_of(items, 5)
+    assert [len(b) for b in blocks] == [5, 5, 5, 5, 3]
+    assert sum(blocks, []) == items
+
+
+def test_fit_prompt_shortens_long_values_but_keeps_every_item():
+    items = [[{"name": "Title", "value": f"item {k} " + "long words " * 60}] for k in range(5)]
+    count = lambda text: len(text.split())  # noqa: E731 - a simple token count
+
+    def build(caps):
+        return "Summarize:\n" + render_items(items, caps)
+
+    prompt, tokens, caps, shortened = fit_prompt(build, count, 200, {"Title"}, 300)
+    assert shortened and tokens <= 200
+    assert caps["Title"] < 300
+    for k in range(5):
+        assert f"{k + 1}. Title: item {k}" in prompt
+    with pytest.raises(PromptTooLong):
+        fit_prompt(build, count, 10, {"Title"}, 300)
+
+
+def test_steps_needed():
+    assert steps_needed("recurrent", 5, 2) == 5
+    assert steps_needed("hierarchical", 1, 2) == 1
+    assert steps_needed("hierarchical", 2, 2) == 2
+    assert steps_needed("hierarchical", 5, 2) == 4  # 5 -> 3 -> 2 -> 1
+    assert steps_needed("hierarchical", 5, None) == 2  # paper: one merge of all
+    assert steps_needed("hierarchical", 9, 3) == 3  # 9 -> 3 -> 1
+
+
+def test_output_checks():
+    prompt = "Here are news articles this user read: budget vote in the senate tonight"
+    assert check_generation("", prompt, "stop") == "empty"
+    assert check_generation("sports " * 40, prompt, "stop") == "repetitive"
+    echo = "Here are news articles this user read: budget vote in the senate tonight"
+    assert check_generation(echo, prompt, "stop") == "echo"
+    fine = "The user follows politics, especially budget debates, and local news."
+    assert check_generation(fine, prompt, "stop") is None
+    assert check_generation(fine, prompt, "length") == "over_length"
+    assert trim_to_sentence("One sentence here. Another one is cut") == "One sentence here."

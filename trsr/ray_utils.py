@@ -1,0 +1,69 @@
+"""Connecting to Ray and checking that a job's resources exist before asking for them.
+
+A Ray Data stage that asks for GPUs a cluster does not have waits forever; the jobs
+call `require_resources` first so they fail at once with a message that says what
+was asked and what the cluster has.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from trsr.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Stages are actor pools that each hold a CPU slot; on a 2-core laptop a pipeline with
+# several stages starves unless Ray advertises more logical CPUs than cores.
+MIN_LOCAL_CPUS = 8
+
+
+def init_ray(local_cpus: int | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (ray job submit), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+        log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        return
+    cpus = local_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+    env_vars = {
+        key: os.environ[key]
+        for key in (
+            "HF_HUB_OFFLINE",
+            "TRSR_CACHE",
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+            "VLLM_CPU_KVCACHE_SPACE",
+            "VLLM_CPU_OMP_THREADS_BIND",
+        )
+        if key in os.environ
+    }
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        log_to_driver=True,
+    )
+    log.info("started a local Ray cluster with %d logical CPUs", cpus)
+
+
+def require_resources(what: str, gpus: float = 0.0, cpus: float = 0.0) -> None:
+    """Fail fast when the cluster cannot ever satisfy a stage's request."""
+    import ray
+
+    available = ray.cluster_resources()
+    have_gpus = available.get("GPU", 0.0)
+    have_cpus = available.get("CPU", 0.0)
+    if gpus > have_gpus:
+        raise ConfigError(
+            f"{what} needs {gpus:g} GPU(s) but the Ray cluster has {have_gpus:g}; "
+            "set engine.num_gpus=0 (CPU) or run on a GPU cluster"
+        )
+    if cpus > have_cpus:
+        raise ConfigError(f"{what} needs {cpus:g} CPU(s) but the Ray cluster has {have_cpus:g}")

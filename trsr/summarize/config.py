@@ -1,0 +1,81 @@
+"""Configuration of the summarize stage (section `summarize` of an experiment)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from trsr.config import Section
+from trsr.llm.engine import EngineConfig, GenerationParams
+
+
+class GenerationConfig(Section):
+    # Summary length cap; the prompts ask for two to four sentences.
+    max_new_tokens: int = Field(96, ge=8)
+    # 0 = greedy (deterministic); > 0 samples with the experiment seed.
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    # A flagged output (empty, repetitive, echo, over-length) is retried once with this.
+    retry_temperature: float = Field(0.7, ge=0.0)
+
+    def params(self, seed: int) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=seed,
+        )
+
+    def retry_params(self, seed: int) -> GenerationParams:
+        return GenerationParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.retry_temperature,
+            top_p=0.95 if self.retry_temperature > 0 else self.top_p,
+            repetition_penalty=max(self.repetition_penalty, 1.1),
+            seed=seed + 1,
+        )
+
+
+class SummarizeConfig(Section):
+    # Which paradigms to run: each writes summaries/<mode>/.
+    modes: list[Literal["hierarchical", "recurrent"]] = ["hierarchical", "recurrent"]
+    # Prompt preset (wording): news, shopping or generic.
+    domain: Literal["news", "shopping", "generic"] = "news"
+    # YAML file replacing any of the templates block / merge / update.
+    prompts_file: str | None = None
+    # Items per block (paper: 5).
+    block_size: int = Field(5, ge=1)
+    # Hierarchical: nodes merged per call at each level; null = all at once (paper).
+    fan_in: int | None = Field(2, ge=2)
+    # Character cap per attribute value before the token guard shortens further.
+    item_max_chars: int = Field(300, ge=24)
+    attribute_max_chars: dict[str, int] = {}
+    engine: EngineConfig = EngineConfig()
+    generation: GenerationConfig = GenerationConfig()
+    # per_step: one Ray Data map stage per level/step, each with its own engine actors;
+    # fused: one stage carries a batch of users through every level/step (one engine).
+    execution: Literal["per_step", "fused"] = "per_step"
+    # Users per batch handed to a stage (all their prompts go to the engine together).
+    users_per_batch: int = Field(32, ge=1)
+    # Summarize at most this many users (test first, then valid, then train); null = all.
+    max_users: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SummarizeConfig":
+        generated = self.generation.max_new_tokens
+        limit = self.engine.max_model_len
+        if 2 * generated + 64 > limit:
+            raise ValueError(
+                f"generation.max_new_tokens={generated} leaves no room for a prompt in "
+                f"engine.max_model_len={limit}"
+            )
+        merge_inputs = (self.fan_in or 0) * generated
+        if self.fan_in and merge_inputs + generated + 128 > limit:
+            raise ValueError(
+                f"fan_in={self.fan_in} summaries of up to {generated} tokens do not fit "
+                f"engine.max_model_len={limit}; lower fan_in or max_new_tokens"
+            )
+        return self

@@ -1,0 +1,123 @@
+"""Summarization prompt templates: block summary, hierarchical merge, recurrent update.
+
+Our own wording, following the structure of the paper's Figures 3, 4, 6 and 7. Each
+template is a user message (the engine applies the model's chat template) with
+placeholders: {items} (numbered item lines), {summaries} (numbered summaries) and
+{summary} (the previous summary). Presets exist for news, shopping and a generic
+domain; any template can be replaced from a YAML file with keys block/merge/update.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from trsr.errors import ConfigError
+
+REQUIRED = {"block": ("{items}",), "merge": ("{summaries}",), "update": ("{summary}", "{items}")}
+
+_DOMAINS = {
+    "news": dict(
+        what="news articles this user read",
+        interests="news reading interests",
+        noun="articles",
+    ),
+    "shopping": dict(
+        what="products this user bought",
+        interests="shopping preferences",
+        noun="products",
+    ),
+    "generic": dict(
+        what="items this user interacted with",
+        interests="preferences",
+        noun="items",
+    ),
+}
+
+
+def _preset(domain: str) -> dict[str, str]:
+    d = _DOMAINS[domain]
+    return {
+        "block": (
+            f"Here are {d['what']}, oldest first.\n\n"
+            "{items}\n\n"
+            f"In two to four sentences, describe this user's {d['interests']}: the topics, "
+            f"kinds of {d['noun']} and details they seem to care about. Describe the user; "
+            f"do not list the {d['noun']} one by one."
+        ),
+        "merge": (
+            f"Here are summaries of one user's {d['interests']}, each covering a later "
+            "period than the one before.\n\n"
+            "{summaries}\n\n"
+            f"Combine them into one concise summary (two to four sentences) of the user's "
+            f"overall {d['interests']}: keep what recurs, mention recent shifts, and write "
+            "in the same style as the summaries above."
+        ),
+        "update": (
+            f"Here is a summary of a user's {d['interests']} so far.\n\n"
+            "Summary: {summary}\n\n"
+            f"Then the user had these {d['noun']}, oldest first:\n\n"
+            "{items}\n\n"
+            f"Write an updated concise summary (two to four sentences) of the user's "
+            f"{d['interests']} that takes both into account: keep lasting interests, add new "
+            "ones, note any change, and describe the user as a whole in the style of the "
+            "previous summary."
+        ),
+    }
+
+
+DOMAINS = tuple(_DOMAINS)
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    block: str
+    merge: str
+    update: str
+
+    @property
+    def hash(self) -> str:
+        blob = "\x1e".join((self.block, self.merge, self.update))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def block_prompt(self, items: str) -> str:
+        return self.block.replace("{items}", items)
+
+    def merge_prompt(self, summaries: list[str]) -> str:
+        return self.merge.replace("{summaries}", numbered(summaries, blank_line=True))
+
+    def update_prompt(self, summary: str, items: str) -> str:
+        return self.update.replace("{summary}", summary).replace("{items}", items)
+
+
+def numbered(lines: list[str], blank_line: bool = False) -> str:
+    separator = "\n\n" if blank_line else "\n"
+    return separator.join(f"{k}. {line}" for k, line in enumerate(lines, start=1))
+
+
+def load_prompts(domain: str, override_file: str | None = None) -> PromptSet:
+    """The preset for `domain`, with templates replaced from `override_file` if given."""
+    if domain not in _DOMAINS:
+        raise ConfigError(f"summarize.domain: unknown domain {domain!r}; one of {DOMAINS}")
+    templates = _preset(domain)
+    if override_file:
+        path = Path(override_file)
+        if not path.is_file():
+            raise ConfigError(f"{path}: prompt template file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        unknown = set(data) - set(REQUIRED)
+        if unknown:
+            raise ConfigError(f"{path}: unknown template(s) {sorted(unknown)}; allowed {sorted(REQUIRED)}")
+        templates.update({k: str(v) for k, v in data.items()})
+    for name, placeholders in REQUIRED.items():
+        for placeholder in placeholders:
+            if placeholder not in templates[name]:
+                origin = override_file or f"preset {domain}"
+                raise ConfigError(f"{origin}: template {name!r} lacks the placeholder {placeholder}")
+    return PromptSet(**templates)

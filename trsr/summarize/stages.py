@@ -1,0 +1,300 @@
+"""The batch stages of summarization: plain classes over Arrow batches (no Ray inside).
+
+Each row is one user's state, carried from stage to stage:
+
+    user_id, split, items, blocks (numbered item text per block), nodes (summaries of
+    the current level, or [the running summary]), intermediates (every summary made so
+    far with its level/step and index), tokens_in, tokens_out, calls, retries, status
+
+`RenderBlocks` (CPU, tokenizer only) cuts each history into blocks and fits them to
+the token budget. `SummarizeStage` runs one or more hierarchical levels or recurrent
+steps for a whole batch of users with one batched engine call per level/step. A job
+hands these classes to Ray Data `map_batches`; a unit test calls them directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from trsr.summarize.checks import check_generation, trim_to_sentence
+from trsr.summarize.config import SummarizeConfig
+from trsr.summarize.prompts import PromptSet, load_prompts
+from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
+
+HIERARCHICAL = "hierarchical"
+RECURRENT = "recurrent"
+MODES = (HIERARCHICAL, RECURRENT)
+
+OK = "ok"
+PROMPT_TOO_LONG = "prompt_too_long"
+
+INTERMEDIATE = pa.struct([("step", pa.int32()), ("index", pa.int32()), ("text", pa.string())])
+
+STATE = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("split", pa.string()),
+        ("items", pa.int32()),
+        ("blocks", pa.list_(pa.string())),
+        ("nodes", pa.list_(pa.string())),
+        ("intermediates", pa.list_(INTERMEDIATE)),
+        ("tokens_in", pa.int64()),
+        ("tokens_out", pa.int64()),
+        ("calls", pa.int32()),
+        ("retries", pa.int32()),
+        ("shortened_blocks", pa.int32()),
+        ("status", pa.string()),
+    ]
+)
+
+
+def steps_needed(mode: str, max_blocks: int, fan_in: int | None) -> int:
+    """Levels (hierarchical) or steps (recurrent) for a history of `max_blocks` blocks.
+
+    Hierarchical: level 0 summarizes blocks, each later level merges groups of
+    `fan_in` nodes (None = all at once, the paper's single merge) until one is left.
+    """
+    if max_blocks <= 0:
+        return 0
+    if mode == RECURRENT:
+        return max_blocks
+    if max_blocks == 1:
+        return 1
+    if not fan_in or fan_in >= max_blocks:
+        return 2
+    levels, nodes = 1, max_blocks
+    while nodes > 1:
+        nodes = math.ceil(nodes / fan_in)
+        levels += 1
+    return levels
+
+
+class RenderBlocks:
+    """History item ids -> blocks of numbered item lines that fit the prompt budget.
+
+    The budget reserves room for the generated text and, for recurrent updates, for
+    the previous summary, so every later prompt built from these blocks fits too.
+    """
+
+    def __init__(self, config: SummarizeConfig, items: dict[str, list[dict[str, str]]] | str):
+        from trsr.llm.chat import count_tokens, load_tokenizer, render_chat, user_message
+
+        self.config = config
+        # A path (items.parquet) lets each Ray actor load the catalogue itself.
+        self.items = load_item_attributes(items) if isinstance(items, str) else items
+        self.prompts = load_prompts(config.domain, config.prompts_file)
+        tokenizer = load_tokenizer(config.engine.model)
+        self._count = lambda text: count_tokens(tokenizer, [render_chat(tokenizer, user_message(text))])[0]
+        generated = config.generation.max_new_tokens
+        self.budget = config.engine.max_model_len - 2 * generated
+        # The longest previous summary an update prompt can carry: max_new_tokens.
+        self._placeholder_summary = " ".join(["word"] * generated)
+        self.attribute_names = {a["name"] for attrs in items.values() for a in attrs}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = []
+        for user_id, split, history in zip(
+            batch.column("user_id").to_pylist(),
+            batch.column("split").to_pylist(),
+            batch.column("history").to_pylist(),
+        ):
+            rows.append(self.render_user(user_id, split, history))
+        return pa.Table.from_pylist(rows, schema=STATE)
+
+    def render_user(self, user_id: str, split: str, history: list[str]) -> dict[str, Any]:
+        missing = [item for item in history if item not in self.items]
+        if missing:
+            # Prepared data only holds catalogue items; this guards hand-made inputs.
+            raise KeyError(f"user {user_id}: history item(s) {missing[:5]} not in items.parquet")
+        state = new_state(user_id, split, len(history))
+        blocks = []
+        for block in blocks_of(history, self.config.block_size):
+            attributes = [self.items[item] for item in block]
+
+            def build(caps, attributes=attributes) -> str:
+                return self.prompts.update_prompt(self._placeholder_summary, render_items(attributes, caps))
+
+            try:
+                _, _, caps, shortened = fit_prompt(
+                    build,
+                    self._count,
+                    self.budget,
+                    self.attribute_names,
+                    self.config.item_max_chars,
+                    self.config.attribute_max_chars,
+                )
+            except PromptTooLong:
+                state["status"] = PROMPT_TOO_LONG
+                state["blocks"] = []
+                return state
+            blocks.append(render_items(attributes, caps))
+            state["shortened_blocks"] += int(shortened)
+        state["blocks"] = blocks
+        return state
+
+
+def load_item_attributes(path: str) -> dict[str, list[dict[str, str]]]:
+    from trsr import storage
+
+    table = storage.read_parquet(path)
+    return dict(zip(table.column("item_id").to_pylist(), table.column("attributes").to_pylist()))
+
+
+def new_state(user_id: str, split: str, items: int) -> dict[str, Any]:
+    return dict(
+        user_id=user_id,
+        split=split,
+        items=items,
+        blocks=[],
+        nodes=[],
+        intermediates=[],
+        tokens_in=0,
+        tokens_out=0,
+        calls=0,
+        retries=0,
+        shortened_blocks=0,
+        status=OK,
+    )
+
+
+@dataclass
+class _Job:
+    row: int  # index of the user in the batch
+    slot: int  # position of the output in the user's next node list
+    prompt: str
+
+
+class SummarizeStage:
+    """Runs levels/steps `steps` of `mode` for a batch of users, batched across users.
+
+    One instance holds one engine. A job either maps one stage per level/step
+    (`execution: per_step`) or one stage that carries a batch through every step
+    (`execution: fused`); both give identical results.
+    """
+
+    def __init__(
+        self, config: SummarizeConfig, mode: str, steps: list[int], seed: int = 0, engine=None
+    ):
+        if mode not in MODES:
+            raise ValueError(f"unknown summarization mode {mode!r}; one of {MODES}")
+        self.config = config
+        self.mode = mode
+        self.steps = list(steps)
+        self.seed = seed
+        self.prompts: PromptSet = load_prompts(config.domain, config.prompts_file)
+        if engine is None:
+            from trsr.llm.engine import build_engine
+
+            engine = build_engine(config.engine)
+        self.engine = engine
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for step in self.steps:
+            if self.mode == HIERARCHICAL:
+                self._hierarchical_level(rows, step)
+            else:
+                self._recurrent_step(rows, step)
+        return pa.Table.from_pylist(rows, schema=STATE)
+
+    # -- hierarchical --------------------------------------------------------------
+    def _hierarchical_level(self, rows: list[dict], level: int) -> None:
+        jobs: list[_Job] = []
+        next_nodes: dict[int, list[str | None]] = {}
+        fan_in = self.config.fan_in
+        for r, row in enumerate(rows):
+            if row["status"] == PROMPT_TOO_LONG:
+                continue
+            if level == 0:
+                next_nodes[r] = [None] * len(row["blocks"])
+                for k, block in enumerate(row["blocks"]):
+                    jobs.append(_Job(r, k, self.prompts.block_prompt(block)))
+                continue
+            nodes = row["nodes"]
+            if len(nodes) <= 1:
+                continue  # this user's tree is complete
+            size = fan_in if fan_in else len(nodes)
+            groups = blocks_of(nodes, size)
+            next_nodes[r] = [None] * len(groups)
+            for g, group in enumerate(groups):
+                if len(group) == 1:
+                    next_nodes[r][g] = group[0]  # a lone node moves up unchanged
+                else:
+                    jobs.append(_Job(r, g, self.prompts.merge_prompt(group)))
+        self._run(rows, jobs, next_nodes, level)
+
+    # -- recurrent -----------------------------------------------------------------
+    def _recurrent_step(self, rows: list[dict], step: int) -> None:
+        jobs: list[_Job] = []
+        next_nodes: dict[int, list[str | None]] = {}
+        for r, row in enumerate(rows):
+            if row["status"] == PROMPT_TOO_LONG or step >= len(row["blocks"]):
+                continue  # finished early: its summary stays as it is
+            block = row["blocks"][step]
+            if step == 0:
+                prompt = self.prompts.block_prompt(block)
+            else:
+                prompt = self.prompts.update_prompt(row["nodes"][0], block)
+            next_nodes[r] = [None]
+            jobs.append(_Job(r, 0, prompt))
+        self._run(rows, jobs, next_nodes, step)
+
+    # -- shared --------------------------------------------------------------------
+    def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], step: int) -> None:
+        if jobs:
+            outputs = self._generate_checked([job.prompt for job in jobs])
+            for job, (text, tokens_in, tokens_out, retried, problem) in zip(jobs, outputs):
+                row = rows[job.row]
+                next_nodes[job.row][job.slot] = text
+                row["tokens_in"] += tokens_in
+                row["tokens_out"] += tokens_out
+                row["calls"] += 1 + int(retried)
+                row["retries"] += int(retried)
+                row["intermediates"].append({"step": step, "index": job.slot, "text": text})
+                if problem and row["status"] == OK:
+                    row["status"] = problem
+        for r, nodes in next_nodes.items():
+            rows[r]["nodes"] = nodes
+
+    def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, str | None]]:
+        """Generate; retry bad outputs once with sampling; return the checked results."""
+        from trsr.llm.chat import user_message
+
+        params = self.config.generation.params(self.seed)
+        messages = [user_message(p) for p in prompts]
+        first = self._generate(messages, params)
+        results = []
+        retry_index = []
+        for i, (prompt, generation) in enumerate(zip(prompts, first)):
+            problem = check_generation(generation.text, prompt, generation.finish_reason)
+            results.append([generation.text, generation.prompt_tokens, generation.output_tokens, False, problem])
+            if problem:
+                retry_index.append(i)
+        if retry_index:
+            retry_params = self.config.generation.retry_params(self.seed)
+            second = self._generate([messages[i] for i in retry_index], retry_params)
+            for i, generation in zip(retry_index, second):
+                problem = check_generation(generation.text, prompts[i], generation.finish_reason)
+                results[i][0] = generation.text
+                results[i][1] += generation.prompt_tokens
+                results[i][2] += generation.output_tokens
+                results[i][3] = True
+                results[i][4] = problem
+        out = []
+        for text, tokens_in, tokens_out, retried, problem in results:
+            text = text.strip()
+            if problem == "over_length":
+                text = trim_to_sentence(text)
+            out.append((text, tokens_in, tokens_out, retried, problem))
+        return out
+
+    def _generate(self, messages, params):
+        batch_size = self.config.engine.batch_size
+        out = []
+        for start in range(0, len(messages), batch_size):
+            out.extend(self.engine.generate(messages[start : start + batch_size], params))
+        return out
