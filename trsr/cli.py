@@ -3,6 +3,7 @@
     trsr data generate   write a synthetic MIND-format dataset (learnable structure)
     trsr data prepare    convert a raw dataset, sample ranking lists, write Parquet + stats
     trsr data stats      print the paper's Table 1 for a prepared run folder
+    trsr summarize       summarize every user's history with an LLM (Ray Data job)
     trsr run             run the whole pipeline from one experiment config
 
 Every command that takes --config also takes --set key=value overrides (dotted keys,
@@ -102,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    summarize = commands.add_parser(
+        "summarize",
+        help="summarize each user's history (hierarchical and/or recurrent) on Ray Data",
+        description="Read <run_dir>/prepared, cut each user's history into blocks, and "
+        "summarize it with a frozen LLM (vLLM or transformers engine) as Ray Data stages: "
+        "hierarchical (block summaries merged level by level, fan_in per merge) and/or "
+        "recurrent (summary updated block by block). Writes <run_dir>/summaries/<mode>/ "
+        "Parquet (user, summary, intermediate summaries, tokens, status) and stats.json. "
+        "Starts a local Ray cluster unless RAY_ADDRESS is set (ray job submit).",
+        epilog=EPILOG,
+    )
+    summarize.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    _add_config_args(summarize, required=True)
+
     run = commands.add_parser(
         "run",
         help="run the pipeline from one experiment config",
@@ -174,6 +189,17 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_summarize(args: argparse.Namespace) -> int:
+    from trsr.summarize.job import describe, summarize
+
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    stats = summarize(experiment, force=args.force)
+    if stats.get("skipped"):
+        print(f"summaries in {experiment.run_dir}/summaries are up to date (skipped)")
+    print(describe(stats))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from trsr.pipeline import run_pipeline
 
@@ -193,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("data", "generate"): _cmd_generate,
         ("data", "prepare"): _cmd_prepare,
         ("data", "stats"): _cmd_stats,
+        ("summarize", None): _cmd_summarize,
         ("run", None): _cmd_run,
     }
     key = (args.command, getattr(args, "data_command", None))

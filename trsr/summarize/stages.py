@@ -93,7 +93,7 @@ class RenderBlocks:
         self.budget = config.engine.max_model_len - 2 * generated
         # The longest previous summary an update prompt can carry: max_new_tokens.
         self._placeholder_summary = " ".join(["word"] * generated)
-        self.attribute_names = {a["name"] for attrs in items.values() for a in attrs}
+        self.attribute_names = {a["name"] for attrs in self.items.values() for a in attrs}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
@@ -135,6 +135,11 @@ class RenderBlocks:
             state["shortened_blocks"] += int(shortened)
         state["blocks"] = blocks
         return state
+
+
+def retry_reminder(max_new_tokens: int) -> str:
+    words = max(10, int(max_new_tokens * 0.5))
+    return f"\n\nAnswer in plain sentences, at most {words} words, describing the user."
 
 
 def load_item_attributes(path: str) -> dict[str, list[dict[str, str]]]:
@@ -276,7 +281,10 @@ class SummarizeStage:
                 retry_index.append(i)
         if retry_index:
             retry_params = self.config.generation.retry_params(self.seed)
-            second = self._generate([messages[i] for i in retry_index], retry_params)
+            # The retry samples and adds a length reminder: most flagged outputs of
+            # small models ran past the token limit or looped.
+            reminder = retry_reminder(self.config.generation.max_new_tokens)
+            second = self._generate([user_message(prompts[i] + reminder) for i in retry_index], retry_params)
             for i, generation in zip(retry_index, second):
                 problem = check_generation(generation.text, prompts[i], generation.finish_reason)
                 results[i][0] = generation.text

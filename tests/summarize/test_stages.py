@@ -1,0 +1,165 @@
+"""Summarization mechanics with a tiny random model on the transformers engine (no Ray)."""
+
+import pyarrow as pa
+import pytest
+
+from trsr.llm.engine import EngineConfig
+from trsr.summarize.config import GenerationConfig, SummarizeConfig
+from trsr.summarize.stages import (
+    PROMPT_TOO_LONG,
+    RenderBlocks,
+    SummarizeStage,
+    steps_needed,
+)
+
+ITEMS = {
+    f"n{k}": [
+        {"name": "Category", "value": ["sports", "travel", "food"][k % 3]},
+        {"name": "Title", "value": f"Headline number {k} about {['goals', 'beaches', 'recipes'][k % 3]}"},
+    ]
+    for k in range(40)
+}
+USERS = pa.table(
+    {
+        "user_id": ["a", "b", "c"],
+        "split": ["test", "train", "valid"],
+        "history": [[f"n{k}" for k in range(3)], [f"n{k}" for k in range(3, 10)], [f"n{k}" for k in range(10, 22)]],
+    }
+)
+
+
+class RecordingEngine:
+    """The real engine, with every prompt it receives written down.
+
+    First attempts go to `calls`, retries of flagged outputs (a random model's text is
+    mostly flagged) to `retries`, one list per engine call.
+    """
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.calls: list[list[str]] = []
+        self.retries: list[list[str]] = []
+
+    def generate(self, prompts, params=None):
+        texts = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        is_retry = all("Answer in plain sentences" in t for t in texts)
+        (self.retries if is_retry else self.calls).append(texts)
+        return self.engine.generate(prompts, params)
+
+
+def make_config(tiny_model, **overrides) -> SummarizeConfig:
+    values = dict(
+        block_size=3,
+        fan_in=2,
+        engine=EngineConfig(backend="transformers", model=tiny_model, max_model_len=1024, batch_size=8),
+        generation=GenerationConfig(max_new_tokens=12),
+    )
+    values.update(overrides)
+    return SummarizeConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def rendered(tiny_model):
+    return RenderBlocks(make_config(tiny_model), ITEMS)(USERS)
+
+
+def test_render_blocks_cuts_histories_and_keeps_every_item(rendered):
+    rows = {r["user_id"]: r for r in rendered.to_pylist()}
+    assert [len(rows[u]["blocks"]) for u in "abc"] == [1, 3, 4]
+    block = rows["b"]["blocks"][0]
+    assert block.splitlines()[0] == "1. Category: sports; Title: Headline number 3 about goals"
+    assert len(block.splitlines()) == 3
+    for user, history in zip(USERS.column("user_id").to_pylist(), USERS.column("history").to_pylist()):
+        text = "\n".join(rows[user]["blocks"])
+        for item in history:
+            number = item[1:]
+            assert f"Headline number {number} " in text  # item present...
+        assert " n1 " not in f" {text} "  # ...but never its id
+
+
+def test_hierarchical_levels_receive_the_right_prompts(tiny_model, hf_engine, rendered):
+    config = make_config(tiny_model)
+    engine = RecordingEngine(hf_engine)
+    levels = steps_needed("hierarchical", 4, 2)
+    state = rendered
+    for level in range(levels):
+        state = SummarizeStage(config, "hierarchical", [level], seed=3, engine=engine)(state)
+    rows = {r["user_id"]: r for r in state.to_pylist()}
+    # Level 0: one block prompt per block over all users, in one batch (8 blocks).
+    assert len(engine.calls[0]) == 1 + 3 + 4
+    assert all("oldest first" in p for p in engine.calls[0])
+    # Level 1: b (3 nodes) -> groups [2, 1]: one merge; c (4 nodes) -> two merges.
+    assert len(engine.calls[1]) == 3
+    level0 = {u: [i["text"] for i in rows[u]["intermediates"] if i["step"] == 0] for u in "bc"}
+    first_merge = engine.calls[1][0]
+    assert f"1. {level0['b'][0]}" in first_merge and f"2. {level0['b'][1]}" in first_merge
+    # Level 2: b merges its 2 nodes, c merges its 2 nodes; a never merges.
+    assert len(engine.calls[2]) == 2
+    for user in "abc":
+        assert len(rows[user]["nodes"]) == 1 and rows[user]["nodes"][0] == rows[user]["nodes"][0].strip()
+    assert rows["a"]["calls"] >= 1 and all(i["step"] == 0 for i in rows["a"]["intermediates"])
+    assert rows["a"]["nodes"][0] == rows["a"]["intermediates"][0]["text"]
+    assert sum(r["retries"] for r in rows.values()) == sum(len(c) for c in engine.retries)
+    assert sum(r["calls"] for r in rows.values()) == 8 + 3 + 2 + sum(len(c) for c in engine.retries)
+
+
+def test_recurrent_steps_carry_state_and_short_users_finish_early(tiny_model, hf_engine, rendered):
+    config = make_config(tiny_model)
+    engine = RecordingEngine(hf_engine)
+    state = rendered
+    for step in range(4):
+        state = SummarizeStage(config, "recurrent", [step], seed=3, engine=engine)(state)
+    # Step t has one prompt per user with more than t blocks: 3, 2, 2, 1.
+    assert [len(c) for c in engine.calls] == [3, 2, 2, 1]
+    rows = {r["user_id"]: r for r in state.to_pylist()}
+    step1_prompt_b = engine.calls[1][0]
+    summary_b0 = [i["text"] for i in rows["b"]["intermediates"] if i["step"] == 0][0]
+    assert summary_b0 in step1_prompt_b
+    assert rows["b"]["blocks"][1] in step1_prompt_b
+    # a finished after step 0 and kept its summary.
+    assert rows["a"]["nodes"] == [rows["a"]["intermediates"][0]["text"]]
+    assert [i["step"] for i in rows["c"]["intermediates"]] == [0, 1, 2, 3]
+
+
+def test_fused_equals_per_step_and_is_deterministic(tiny_model, hf_engine, rendered):
+    config = make_config(tiny_model)
+    per_step = rendered
+    for level in range(3):
+        per_step = SummarizeStage(config, "hierarchical", [level], seed=3, engine=hf_engine)(per_step)
+    fused = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=3, engine=hf_engine)(rendered)
+    again = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=3, engine=hf_engine)(rendered)
+    assert fused.equals(per_step)
+    assert fused.equals(again)
+    assert fused.column("user_id").to_pylist() == ["a", "b", "c"]
+
+
+def test_prompt_that_cannot_fit_is_marked_not_dropped(tiny_model):
+    config = make_config(
+        tiny_model,
+        engine=EngineConfig(backend="transformers", model=tiny_model, max_model_len=260, batch_size=8),
+        generation=GenerationConfig(max_new_tokens=40),
+    )
+    # Ten long attributes per item: even cut to the minimum, 3 items overflow 180 tokens.
+    long_items = {k: [{"name": f"Field{j}", "value": "word " * 400} for j in range(10)] for k in ITEMS}
+    rows = RenderBlocks(config, long_items)(USERS).to_pylist()
+    assert [r["user_id"] for r in rows] == ["a", "b", "c"]
+    assert all(r["status"] == PROMPT_TOO_LONG and r["blocks"] == [] for r in rows)
+
+
+def test_long_attributes_are_shortened_to_fit(tiny_model):
+    config = make_config(
+        tiny_model,
+        engine=EngineConfig(backend="transformers", model=tiny_model, max_model_len=600, batch_size=8),
+        generation=GenerationConfig(max_new_tokens=40),
+        item_max_chars=2000,
+    )
+    long_items = {
+        k: [{"name": "Title", "value": v[1]["value"]}, {"name": "Abstract", "value": "detail " * 200}]
+        for k, v in ITEMS.items()
+    }
+    rows = RenderBlocks(config, long_items)(USERS).to_pylist()
+    assert all(r["status"] == "ok" for r in rows)
+    # 8 blocks; b's last block holds a single item and fits without shortening.
+    assert sum(r["shortened_blocks"] for r in rows) == 7
+    assert all(b.count("\n") == len(b.splitlines()) - 1 for r in rows for b in r["blocks"])
+    assert "Headline number 21 " in rows[2]["blocks"][-1]
