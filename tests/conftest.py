@@ -9,6 +9,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Nothing may come from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 def shared_data_dir() -> Path:
     return Path(os.environ.get("TRSR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -63,3 +67,82 @@ def s3_bucket(s3_endpoint):
     name = f"trsr-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+# ---------------------------------------------------------------- tiny models
+
+
+def write_tiny_llama(folder, seed: int = 0) -> str:
+    """A randomly initialised, seeded Llama (head_dim 64, as vLLM's CPU backend needs)
+    with the built-in SmolLM2 tokenizer, so "Yes"/"No" are single tokens and a chat
+    template exists. Written as an ordinary Hugging Face folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from trsr.llm.models import resolve
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=2048,
+        # Larger than the usual 0.02: peaked next-token distributions keep greedy
+        # decoding away from near-ties that rounding could flip.
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def hf_engine(tiny_model):
+    from trsr.llm.engine import EngineConfig, build_engine
+
+    engine = build_engine(
+        EngineConfig(backend="transformers", model=tiny_model, dtype="float32", max_model_len=256, batch_size=4)
+    )
+    yield engine
+    engine.close()
+
+
+def write_tiny_lora(model_folder: str, folder, rank: int = 8, seed: int = 1) -> str:
+    """A PEFT LoRA adapter for the tiny model with random (non-zero) A and B, so it
+    visibly changes the model's outputs."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_folder)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        init_lora_weights=False,  # random B as well as A: a real, non-identity delta
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    model = get_peft_model(base, config)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tiny_model, tmp_path_factory) -> str:
+    return write_tiny_lora(tiny_model, tmp_path_factory.mktemp("tiny-lora"))
