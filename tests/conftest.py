@@ -146,3 +146,16 @@ def write_tiny_lora(model_folder: str, folder, rank: int = 8, seed: int = 1) -> 
 @pytest.fixture(scope="session")
 def tiny_lora(tiny_model, tmp_path_factory) -> str:
     return write_tiny_lora(tiny_model, tmp_path_factory.mktemp("tiny-lora"))
+
+
+# ------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster for the session (Ray's own fixtures are not in the wheel)."""
+    import ray
+
+    from trsr.ray_utils import init_ray
+
+    init_ray(local_cpus=8)
+    yield
+    ray.shutdown()
