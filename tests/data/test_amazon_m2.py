@@ -286,3 +286,10 @@ def test_locale_matching_nothing(tmp_path):
     folder = make(tmp_path)
     with pytest.raises(ConfigError, match=r"'uk'.*\['DE', 'UK'\]"):
         run(folder, locale="uk")
+
+
+def test_float_noise_in_prices_is_rounded_and_text_prices_kept(tmp_path):
+    products = PRODUCTS_HEADER + "B0A,UK,Kettle,30.950000000000003,,,,,,,\nB0B,UK,Mug,about 5,,,,,,,\nB0C,UK,Book,,,,,,,,\n"
+    result = run(make(tmp_path, products=products))
+    prices = {item: dict(attrs).get("Price") for item, attrs in items(result).items()}
+    assert prices == {"B0A": "30.95", "B0B": "about 5", "B0C": None}

@@ -96,6 +96,12 @@ def convert(source: AmazonM2Source) -> ConvertedDataset:
     products = reject_blank(products, ["id"], source=products_path, rejects=item_rejects)
     products = products.with_columns(_localised(pl.col("id"), locale).alias("id"))
     products = reject_duplicate_ids(products, "id", products_path, item_rejects)
+    # The release stores prices as floats ("30.950000000000003"); show them as money.
+    price = pl.col("price").str.strip_chars()
+    as_number = price.cast(pl.Float64, strict=False)
+    products = products.with_columns(
+        pl.when(as_number.is_not_null()).then(as_number.round(2).cast(pl.Utf8)).otherwise(price).alias("price")
+    )
     items_table = items_from_frame(products, "id", attributes)
 
     # Sessions.

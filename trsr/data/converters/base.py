@@ -44,21 +44,30 @@ def items_from_frame(frame: pl.DataFrame, id_column: str, attributes: dict[str, 
 
     attributes: {attribute name shown in prompts: column in `frame`}, in rendering
     order. Null or blank values are left out of an item's attribute list, so a prompt
-    never shows "Brand: " with nothing after it.
+    never shows "Brand: " with nothing after it. Works in long form (one row per item
+    and attribute), which is much faster than building lists of structs column-wise.
     """
-    structs = [
-        pl.when(pl.col(column).is_not_null() & (pl.col(column).str.strip_chars() != ""))
-        .then(pl.struct(pl.lit(name).alias("name"), pl.col(column).str.strip_chars().alias("value")))
-        .otherwise(None)
-        for name, column in attributes.items()
-    ]
-    out = frame.select(
-        pl.col(id_column).cast(pl.Utf8).alias("item_id"),
-        pl.concat_list(structs).list.drop_nulls().alias("attributes")
-        if structs
-        else pl.lit([]).alias("attributes"),
+    ids = frame.select(pl.col(id_column).cast(pl.Utf8).alias("item_id")).with_row_index("_item")
+    if not attributes:
+        out = ids.with_columns(pl.lit([], dtype=pl.List(pl.Struct({"name": pl.Utf8, "value": pl.Utf8}))).alias("attributes"))
+        return conform(out.drop("_item").to_arrow(), ITEMS, "items")
+    names = list(attributes)
+    wide = frame.select(
+        [pl.col(column).cast(pl.Utf8).str.strip_chars().alias(f"_a{k}") for k, column in enumerate(attributes.values())]
+    ).with_row_index("_item")
+    long = (
+        wide.unpivot(index="_item", variable_name="_attr", value_name="value")
+        .filter(pl.col("value").is_not_null() & (pl.col("value") != ""))
+        .with_columns(pl.col("_attr").str.slice(2).cast(pl.Int32).alias("_order"))
+        .with_columns(pl.col("_order").replace_strict(list(range(len(names))), names, return_dtype=pl.Utf8).alias("name"))
+        .sort("_item", "_order")
+        .group_by("_item", maintain_order=True)
+        .agg(pl.struct("name", "value").alias("attributes"))
     )
-    return conform(out.to_arrow(), ITEMS, "items")
+    out = ids.join(long, on="_item", how="left").sort("_item").with_columns(
+        pl.col("attributes").fill_null(pl.lit([], dtype=pl.List(pl.Struct({"name": pl.Utf8, "value": pl.Utf8}))))
+    )
+    return conform(out.select("item_id", "attributes").to_arrow(), ITEMS, "items")
 
 
 def sequences_from_frame(
