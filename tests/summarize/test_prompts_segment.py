@@ -77,5 +77,6 @@ def test_output_checks():
     assert check_generation(echo, prompt, "stop") == "echo"
     fine = "The user follows politics, especially budget debates, and local news."
     assert check_generation(fine, prompt, "stop") is None
-    assert check_generation(fine, prompt, "length") == "over_length"
+    assert check_generation(fine, prompt, "length") is None  # complete sentence: trimmed, accepted
+    assert check_generation("The user follows politics and budget debates and local news and", prompt, "length") == "over_length"
     assert trim_to_sentence("One sentence here. Another one is cut") == "One sentence here."

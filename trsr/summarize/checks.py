@@ -2,9 +2,11 @@
 
 A generation is flagged when it is empty, repeats itself (most of its word 4-grams
 occur more than once), echoes the prompt (most of its 4-grams are copied from the
-prompt) or stops at the token limit. Flagged generations are retried once; what is
-still flagged is kept (over-length text trimmed to its last full sentence) and its
-problem is written to the user's `status` column.
+prompt) or is over-length: it stopped at the token limit with no complete sentence
+to cut at. Text that ran past the limit after complete sentences is cut after the
+last one and accepted (counted as `trimmed`): small models rarely stop on their own.
+Flagged generations are retried once; what is still flagged is kept and its problem
+is written to the user's `status` column.
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def check_generation(text: str, prompt: str, finish_reason: str) -> str | None:
         if echoed > MAX_ECHOED_FRACTION:
             return ECHO
     if finish_reason == "length":
-        return OVER_LENGTH
+        trimmed = trim_to_sentence(text)
+        if not re.search(r"[.!?]$", trimmed) or len(_words(trimmed)) < MIN_WORDS_FOR_SHAPE:
+            return OVER_LENGTH
     return None
 
 

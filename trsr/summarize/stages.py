@@ -47,6 +47,7 @@ STATE = pa.schema(
         ("calls", pa.int32()),
         ("retries", pa.int32()),
         ("shortened_blocks", pa.int32()),
+        ("trimmed", pa.int32()),
         ("status", pa.string()),
     ]
 )
@@ -162,6 +163,7 @@ def new_state(user_id: str, split: str, items: int) -> dict[str, Any]:
         calls=0,
         retries=0,
         shortened_blocks=0,
+        trimmed=0,
         status=OK,
     )
 
@@ -252,8 +254,9 @@ class SummarizeStage:
     def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], step: int) -> None:
         if jobs:
             outputs = self._generate_checked([job.prompt for job in jobs])
-            for job, (text, tokens_in, tokens_out, retried, problem) in zip(jobs, outputs):
+            for job, (text, tokens_in, tokens_out, retried, trimmed, problem) in zip(jobs, outputs):
                 row = rows[job.row]
+                row["trimmed"] += int(trimmed)
                 next_nodes[job.row][job.slot] = text
                 row["tokens_in"] += tokens_in
                 row["tokens_out"] += tokens_out
@@ -265,39 +268,36 @@ class SummarizeStage:
         for r, nodes in next_nodes.items():
             rows[r]["nodes"] = nodes
 
-    def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, str | None]]:
-        """Generate; retry bad outputs once with sampling; return the checked results."""
+    def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, bool, str | None]]:
+        """Generate; retry flagged outputs once; return (text, tokens in, tokens out,
+        retried, trimmed, problem) per prompt."""
         from trsr.llm.chat import user_message
 
-        params = self.config.generation.params(self.seed)
         messages = [user_message(p) for p in prompts]
-        first = self._generate(messages, params)
-        results = []
-        retry_index = []
-        for i, (prompt, generation) in enumerate(zip(prompts, first)):
-            problem = check_generation(generation.text, prompt, generation.finish_reason)
-            results.append([generation.text, generation.prompt_tokens, generation.output_tokens, False, problem])
-            if problem:
-                retry_index.append(i)
+        first = self._generate(messages, self.config.generation.params(self.seed))
+        chosen = list(first)
+        tokens = [(g.prompt_tokens, g.output_tokens) for g in first]
+        problems = [check_generation(g.text, p, g.finish_reason) for p, g in zip(prompts, first)]
+        retry_index = [i for i, problem in enumerate(problems) if problem]
         if retry_index:
-            retry_params = self.config.generation.retry_params(self.seed)
             # The retry samples and adds a length reminder: most flagged outputs of
             # small models ran past the token limit or looped.
             reminder = retry_reminder(self.config.generation.max_new_tokens)
-            second = self._generate([user_message(prompts[i] + reminder) for i in retry_index], retry_params)
+            second = self._generate(
+                [user_message(prompts[i] + reminder) for i in retry_index],
+                self.config.generation.retry_params(self.seed),
+            )
             for i, generation in zip(retry_index, second):
-                problem = check_generation(generation.text, prompts[i], generation.finish_reason)
-                results[i][0] = generation.text
-                results[i][1] += generation.prompt_tokens
-                results[i][2] += generation.output_tokens
-                results[i][3] = True
-                results[i][4] = problem
+                chosen[i] = generation
+                tokens[i] = (tokens[i][0] + generation.prompt_tokens, tokens[i][1] + generation.output_tokens)
+                problems[i] = check_generation(generation.text, prompts[i], generation.finish_reason)
         out = []
-        for text, tokens_in, tokens_out, retried, problem in results:
-            text = text.strip()
-            if problem == "over_length":
+        for i, generation in enumerate(chosen):
+            text = generation.text.strip()
+            trimmed = generation.finish_reason == "length"
+            if trimmed:
                 text = trim_to_sentence(text)
-            out.append((text, tokens_in, tokens_out, retried, problem))
+            out.append((text, tokens[i][0], tokens[i][1], i in retry_index, trimmed, problems[i]))
         return out
 
     def _generate(self, messages, params):
