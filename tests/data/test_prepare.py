@@ -1,0 +1,132 @@
+"""The prepare stage end to end: synthetic MIND -> run folder (local and S3), CLI, real data."""
+
+import pyarrow.compute as pc
+import pytest
+
+from trsr import storage
+from trsr.cli import main
+from trsr.config import load
+from trsr.data.prepare import load_samples, prepare
+from trsr.experiment import ExperimentConfig
+from trsr.runs import RunFolder
+
+
+def synthetic_experiment(run_dir, data_dir, *overrides):
+    return load(
+        ExperimentConfig,
+        None,
+        [
+            f"run_dir={run_dir}",
+            "prepare.source.format=mind",
+            f"prepare.source.path={data_dir}",
+            "prepare.synthetic.users=120",
+            "prepare.synthetic.items=300",
+            *overrides,
+        ],
+    )
+
+
+def test_prepare_writes_every_output_and_accounts_for_every_user(tmp_path):
+    experiment = synthetic_experiment(tmp_path / "run", tmp_path / "data")
+    stats = prepare(experiment)
+    run = RunFolder(experiment.run_dir)
+    for path in [run.items(), run.sequences(), run.rejects("prepared"), run.stats("prepared")]:
+        assert storage.exists(path), path
+    convert = stats["accounting"]["convert"]
+    protocol = stats["accounting"]["protocol"]
+    assert convert["users_in"] == 120 == convert["users_out"] + convert["users_rejected"]
+    assert protocol["users_in"] == sum(protocol["users_per_split"].values()) + sum(protocol["excluded"].values())
+    rejects = storage.read_parquet(run.rejects("prepared"))
+    assert rejects.num_rows == sum(n for reasons in stats["rejects"].values() for n in reasons.values())
+    for split, negatives in (("train", 1), ("valid", 20), ("test", 20)):
+        samples = load_samples(experiment.run_dir, split)
+        lists = protocol["users_per_split"][split]
+        assert samples.num_rows == lists * (negatives + 1)
+        assert stats["table1"][f"positives_{split}"] == lists
+    table1 = stats["table1"]
+    assert table1["attributes"] == 3 and 10 <= table1["avg_history_length"] <= 25
+
+
+def test_same_seed_same_samples_and_up_to_date_stage_is_skipped(tmp_path):
+    first = synthetic_experiment(tmp_path / "a", tmp_path / "data")
+    second = synthetic_experiment(tmp_path / "b", tmp_path / "data")
+    other = synthetic_experiment(tmp_path / "c", tmp_path / "data", "seed=7")
+    assert prepare(first)["skipped"] is False
+    prepare(second)
+    prepare(other)
+    for split in ("train", "valid", "test"):
+        a = load_samples(first.run_dir, split)
+        assert a.equals(load_samples(second.run_dir, split))
+    assert not load_samples(first.run_dir, "test").equals(load_samples(other.run_dir, "test"))
+    assert prepare(first)["skipped"] is True
+    changed = synthetic_experiment(tmp_path / "a", tmp_path / "data", "prepare.protocol.min_history=12")
+    assert prepare(changed)["skipped"] is False
+
+
+@pytest.mark.integration
+def test_prepare_reads_and_writes_s3(tmp_path, s3_bucket):
+    local = synthetic_experiment(tmp_path / "run", tmp_path / "data")
+    prepare(local)  # also generates the raw data locally
+    # Upload the raw MIND files, then prepare from S3 into an S3 run folder.
+    for name in ("behaviors.tsv", "news.tsv"):
+        with storage.open_binary(f"{s3_bucket}/raw/{name}", "wb") as handle:
+            handle.write((tmp_path / "data" / name).read_bytes())
+    remote = load(
+        ExperimentConfig,
+        None,
+        [f"run_dir={s3_bucket}/run", "prepare.source.format=mind", f"prepare.source.path={s3_bucket}/raw"],
+    )
+    stats = prepare(remote)
+    assert stats["accounting"]["convert"]["users_in"] == 120
+    for split in ("train", "valid", "test"):
+        assert load_samples(remote.run_dir, split).equals(load_samples(local.run_dir, split))
+    assert prepare(remote)["skipped"] is True
+
+
+def test_cli_prepare_and_stats(tmp_path, capsys):
+    data = tmp_path / "data"
+    assert main(["data", "generate", "--output", str(data), "--users", "80", "--items", "200"]) == 0
+    run_dir = tmp_path / "run"
+    assert main(["data", "prepare", "mind", "--input", str(data), "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "# of positive samples in the test set" in out and "users: 80 in = 80 converted" in out
+    assert main(["data", "stats", str(run_dir)]) == 0
+    assert "Avg. # of tokens corresponding to an item (whitespace)" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    assert main(["data", "prepare", "mind", "--input", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "behaviors.tsv" in err and "not found" in err
+    assert main(["data", "prepare", "mind"]) == 2
+    assert "--input" in capsys.readouterr().err
+    assert main(["data", "stats", str(tmp_path / "empty")]) == 2
+    assert "trsr data prepare" in capsys.readouterr().err
+    assert main(["data", "prepare", "--config", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.shared_data
+def test_amazon_games_protocol(shared_data, tmp_path):
+    experiment = load(
+        ExperimentConfig,
+        None,
+        [
+            f"run_dir={tmp_path / 'games'}",
+            "prepare.source.format=recbole",
+            f"prepare.source.path={shared_data / 'amazon-games-6k'}",
+            "prepare.protocol.users={train: 6285, valid: 1000, test: 1000}",
+        ],
+    )
+    stats = prepare(experiment)
+    assert sum(stats["accounting"]["protocol"]["users_per_split"].values()) == 8285
+    test = load_samples(experiment.run_dir, "test")
+    assert test.num_rows == 1000 * 21
+    for row in test.filter(pc.equal(test.column("label"), 0)).to_pylist():
+        assert row["candidate"] not in row["history"]
+    again = load(ExperimentConfig, None, [f"run_dir={tmp_path / 'again'}", *[
+        "prepare.source.format=recbole",
+        f"prepare.source.path={shared_data / 'amazon-games-6k'}",
+        "prepare.protocol.users={train: 6285, valid: 1000, test: 1000}",
+    ]])
+    prepare(again)
+    assert load_samples(again.run_dir, "test").equals(test)
