@@ -129,3 +129,17 @@ def test_default_model_writes_readable_summaries(prepared, ray_local):
             alphabetic = sum(w.strip(".,;:!?'\"()").isalpha() for w in words) / len(words)
             assert alphabetic > 0.7, summary
         assert stats["modes"][mode]["output_tokens_per_s"] > 0
+
+
+def test_asking_for_gpus_the_cluster_lacks_fails_fast(prepared, tiny_model, ray_local):
+    import time
+
+    from trsr.errors import ConfigError
+
+    link_prepared(prepared, "gpu")
+    config = tiny(prepared, tiny_model, "gpu", "summarize.engine.num_gpus=1")
+    started = time.perf_counter()
+    # per_step: every level's stage holds its own GPU actor, all of them at once.
+    with pytest.raises(ConfigError, match=r"engine stage\(s\) x 1 actor\(s\)\) needs \d GPU\(s\) but the Ray cluster has 0"):
+        summarize(config)
+    assert time.perf_counter() - started < 30
