@@ -8,6 +8,7 @@ agree. Sections of stages a recipe does not use may be left out.
 from __future__ import annotations
 
 from trsr.config import PrepareConfig, Section
+from trsr.recommend.config import ScoreConfig
 from trsr.summarize.config import SummarizeConfig
 
 
@@ -18,3 +19,4 @@ class ExperimentConfig(Section):
     seed: int = 42
     prepare: PrepareConfig
     summarize: SummarizeConfig = SummarizeConfig()
+    score: ScoreConfig = ScoreConfig()

@@ -1,0 +1,285 @@
+"""Scoring: shared-prefix p(yes) against plain forward passes, list building, the Ray job."""
+
+import math
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from trsr.data.schema import SAMPLES, SCORES, conform
+from trsr.errors import TrsrError
+from trsr.llm.engine import EngineConfig
+from trsr.recommend.config import ScoreConfig
+from trsr.recommend.prompt import SUMMARY_HEADER, encode
+from trsr.recommend.score import (
+    LISTS,
+    STAGE_OUTPUT,
+    ScoreStage,
+    build_lists,
+    check_complete,
+    p_yes,
+)
+
+
+def item(n, words=5):
+    return [
+        {"name": "category", "value": f"topic{n % 3}"},
+        {"name": "title", "value": " ".join(f"w{n}x{k}" for k in range(words))},
+    ]
+
+
+def lists_table(rows):
+    return pa.Table.from_pylist(rows, schema=LISTS)
+
+
+def one_list(list_id, summary, status, history, candidates, labels):
+    return dict(
+        list_id=list_id,
+        split="test",
+        user_id=list_id.split(":")[1],
+        summary=summary,
+        summary_status=status,
+        history=[item(n) for n in history],
+        candidates=[f"N{n}" for n in candidates],
+        candidate_attributes=[item(n) for n in candidates],
+        labels=labels,
+    )
+
+
+def config(tiny_model, **prompt):
+    return ScoreConfig(
+        engine=EngineConfig(model=tiny_model, dtype="float32", max_model_len=256, batch_size=4),
+        prompt={"max_length": 256, **prompt},
+    )
+
+
+class CountingEngine:
+    """The engine, counting yes_no_logprobs calls and keeping the requests."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.calls = []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def yes_no_logprobs(self, requests, yes="Yes", no="No"):
+        self.calls.append(list(requests))
+        return self.engine.yes_no_logprobs(requests, yes, no)
+
+
+def test_shared_prefix_scores_equal_independent_full_prompts(tiny_model, hf_engine):
+    import torch
+
+    engine = CountingEngine(hf_engine)
+    stage = ScoreStage(config(tiny_model), engine=engine)
+    batch = lists_table(
+        [
+            one_list("test:u1", "Likes football and cooking.", "ok", [1, 2, 3, 4], [10, 11, 12, 13], [0, 1, 0, 0]),
+            one_list("test:u2", None, "missing", [5, 6], [20, 21, 22], [0, 0, 1]),
+            one_list("test:u3", "Reads politics.", "ok", [], [30, 31], [1, 0]),
+        ]
+    )
+    out = stage(batch)
+    assert out.schema.equals(STAGE_OUTPUT)
+    assert len(engine.calls) == 1 and len(engine.calls[0]) == 3  # one request per list
+    assert out.num_rows == 9
+    assert out.column("candidate").to_pylist() == ["N10", "N11", "N12", "N13", "N20", "N21", "N22", "N30", "N31"]
+    assert out.column("label").to_pylist() == [0, 1, 0, 0, 0, 0, 1, 1, 0]
+    assert set(out.column("method").to_pylist()) == {"llm-trsr-hierarchical"}
+
+    tokenizer, model = hf_engine.tokenizer, hf_engine.model
+    yes_id, no_id = hf_engine.yes_no_token_ids("Yes", "No")
+    rows = out.to_pylist()
+    k = 0
+    for prefix, suffixes in engine.calls[0]:
+        for suffix in suffixes:
+            ids = encode(tokenizer, prefix + suffix)
+            assert ids == hf_engine.encode(prefix + suffix)
+            with torch.inference_mode():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            logprobs = logits.log_softmax(-1)
+            ly, ln = float(logprobs[yes_id]), float(logprobs[no_id])
+            row = rows[k]
+            assert row["logp_yes"] == pytest.approx(ly, abs=1e-4)
+            assert row["logp_no"] == pytest.approx(ln, abs=1e-4)
+            # eq. 3: softmax over the two answer logits, the yes part
+            expected = float(torch.softmax(logits[[yes_id, no_id]], -1)[0])
+            assert row["score"] == pytest.approx(expected, abs=1e-5)
+            assert 0.0 < row["score"] < 1.0
+            assert row["prompt_tokens"] == len(ids) <= 256 - stage.builder.reserve
+            k += 1
+    assert k == 9
+    # The user without a summary is scored with an empty summary line.
+    prefix_u2 = engine.calls[0][1][0]
+    assert SUMMARY_HEADER + "\n\n\n" in prefix_u2
+    # The SCORES schema holds for the written columns.
+    scores = conform(out, SCORES, "stage output")
+    assert scores.schema.equals(SCORES)
+
+
+def test_summary_used_only_when_status_ok(tiny_model, hf_engine):
+    engine = CountingEngine(hf_engine)
+    stage = ScoreStage(config(tiny_model), engine=engine)
+    flagged = one_list("test:u1", "aaa aaa aaa aaa", "repetitive", [1, 2], [3, 4], [1, 0])
+    missing = one_list("test:u1", None, "missing", [1, 2], [3, 4], [1, 0])
+    ok = one_list("test:u1", "aaa aaa aaa aaa", "ok", [1, 2], [3, 4], [1, 0])
+    scores = [stage(lists_table([row])).column("score").to_pylist() for row in (flagged, missing, ok)]
+    assert scores[0] == scores[1]
+    assert "aaa" not in engine.calls[0][0][0] and "aaa aaa" in engine.calls[2][0][0]
+
+
+def test_tallrec_and_k0_stages(tiny_model, hf_engine):
+    rows = [one_list("test:u1", "ignored summary", "unused", list(range(12)), [40, 41], [0, 1])]
+    tallrec = ScoreStage(config(tiny_model, variant="tallrec"), engine=hf_engine)
+    out = tallrec(lists_table(rows))
+    assert out.column("method").to_pylist() == ["tallrec", "tallrec"]
+    shown = out.column("history_items").to_pylist()[0]
+    assert 0 < shown <= 12 and out.column("items_dropped").to_pylist()[0] == 12 - shown
+    assert max(out.column("prompt_tokens").to_pylist()) <= 256 - tallrec.builder.reserve
+    rows[0]["summary_status"] = "ok"
+    k0 = ScoreStage(config(tiny_model, variant="summary_only"), engine=hf_engine)
+    out = k0(lists_table(rows))
+    assert out.column("history_items").to_pylist() == [0, 0]
+    assert all(0 < s < 1 for s in out.column("score").to_pylist())
+
+
+def test_p_yes_is_stable():
+    assert p_yes(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert p_yes(-1000.0, 0.0) == pytest.approx(0.0, abs=1e-300)
+    assert p_yes(0.0, -1000.0) == 1.0
+    assert p_yes(-2.0, -2.0) == 0.5
+
+
+def samples_table():
+    rows = []
+    for user, history, candidates in (
+        ("u1", ["i1", "i2", "i3"], [("i4", 0), ("i5", 1), ("i6", 0)]),
+        ("u2", ["i2"], [("i7", 1), ("i1", 0)]),
+    ):
+        for position, (candidate, label) in enumerate(candidates):
+            rows.append(
+                dict(
+                    list_id=f"test:{user}",
+                    split="test",
+                    user_id=user,
+                    history=history,
+                    candidate=candidate,
+                    label=label,
+                    position=position,
+                )
+            )
+    rows.reverse()  # any input order
+    return pa.Table.from_pylist(rows, schema=SAMPLES)
+
+
+def items_table():
+    from trsr.data.schema import ITEMS
+
+    return pa.Table.from_pylist(
+        [{"item_id": f"i{n}", "attributes": item(n)} for n in range(1, 9)], schema=ITEMS
+    )
+
+
+def test_build_lists_groups_candidates_in_position_order():
+    summaries = {("u1", "test"): ("likes things", "ok"), ("u2", "valid"): ("other split", "ok")}
+    lists = build_lists(samples_table(), items_table(), summaries, history_items=2)
+    assert lists.schema.equals(LISTS)
+    rows = lists.to_pylist()
+    assert [r["list_id"] for r in rows] == ["test:u1", "test:u2"]
+    assert rows[0]["candidates"] == ["i4", "i5", "i6"] and rows[0]["labels"] == [0, 1, 0]
+    assert rows[0]["history"] == [item(2), item(3)]  # the 2 most recent
+    assert rows[0]["summary_status"] == "ok"
+    # A summary of another split is not this list's summary.
+    assert rows[1]["summary"] is None and rows[1]["summary_status"] == "missing"
+    tallrec = build_lists(samples_table(), items_table(), None, history_items=None)
+    assert tallrec.column("summary_status").to_pylist() == ["unused", "unused"]
+    assert len(tallrec.to_pylist()[0]["history"]) == 3
+    with pytest.raises(TrsrError, match="not in items.parquet"):
+        build_lists(samples_table(), items_table().slice(0, 3), None, None)
+
+
+def test_check_complete_catches_lost_and_duplicated_candidates():
+    lists = build_lists(samples_table(), items_table(), None, None)
+    good = pa.table(
+        {
+            "list_id": ["test:u1"] * 3 + ["test:u2"] * 2,
+            "candidate": ["i4", "i5", "i6", "i7", "i1"],
+            "label": pa.array([0, 1, 0, 1, 0], pa.int8()),
+            "score": [0.1, 0.9, 0.2, 0.6, 0.4],
+        }
+    )
+    check_complete(good, lists, "scores")
+    with pytest.raises(AssertionError, match=r"1 candidate\(s\) not scored \(lists \['test:u2'\]\)"):
+        check_complete(good.slice(0, 4), lists, "scores")
+    with pytest.raises(AssertionError, match=r"1 unexpected or duplicated"):
+        check_complete(pa.concat_tables([good, good.slice(0, 1)]), lists, "scores")
+
+
+# ------------------------------------------------------------------- Ray Data job
+
+
+@pytest.mark.integration
+def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
+    from trsr.config import load
+    from trsr.data.prepare import load_samples, prepare
+    from trsr.experiment import ExperimentConfig
+    from trsr.recommend.score import read_scores, score
+    from trsr.summarize.job import SUMMARIES, summary_dir
+    from trsr import storage
+
+    experiment = load(
+        ExperimentConfig,
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "prepare.source.format=mind",
+            f"prepare.source.path={tmp_path / 'data'}",
+            "prepare.synthetic.users=40",
+            "prepare.synthetic.items=200",
+            "prepare.synthetic.min_history=4",
+            "prepare.synthetic.max_history=12",
+            "prepare.protocol.min_history=4",
+            "prepare.protocol.max_history=12",
+            f"score.engine.model={tiny_model}",
+            "score.engine.max_model_len=1024",
+            "score.engine.dtype=float32",
+            "score.prompt.max_length=1024",
+            "score.users_per_batch=2",
+        ],
+    )
+    prepare(experiment)
+    run_dir = str(tmp_path / "run")
+    samples = load_samples(run_dir, "test")
+    users = sorted(set(samples.column("user_id").to_pylist()))
+    assert len(users) >= 3
+    # Summaries for all test users but one; one of them flagged by the summarizer.
+    rows = []
+    for n, user in enumerate(users[1:]):
+        rows.append(
+            dict(user_id=user, split="test", mode="hierarchical", summary=f"User {user} likes topic {n}.",
+                 intermediates=[], items=4, blocks=1, tokens_in=0, tokens_out=0, calls=1, retries=0,
+                 shortened_blocks=0, trimmed=0, status="empty" if n == 0 else "ok", model="x",
+                 template_hash="h", seed=0)
+        )
+    storage.write_parquet(
+        pa.Table.from_pylist(rows, schema=SUMMARIES), storage.join(summary_dir(run_dir, "hierarchical"), "part-0.parquet")
+    )
+
+    stats = score(experiment, "test")["test"]
+    table = read_scores(run_dir, "llm-trsr-hierarchical", "test")
+    assert table.schema.equals(SCORES)
+    lists = sorted(set(samples.column("list_id").to_pylist()))
+    assert sorted(set(table.column("list_id").to_pylist())) == lists
+    assert table.num_rows == samples.num_rows == 21 * len(lists)
+    expected = sorted(zip(samples.column("list_id").to_pylist(), samples.column("candidate").to_pylist()))
+    assert sorted(zip(table.column("list_id").to_pylist(), table.column("candidate").to_pylist())) == expected
+    assert pc.all(pc.and_(pc.greater(table.column("score"), 0), pc.less(table.column("score"), 1))).as_py()
+    positives = table.filter(pc.equal(table.column("label"), 1))
+    assert sorted(positives.column("list_id").to_pylist()) == lists  # one positive per list
+    assert stats["lists"] == stats["lists_in_split"] == len(lists)
+    assert stats["lists_without_summary"] == 2  # one missing, one flagged "empty"
+    assert stats["summary_status"] == {"empty": 1, "missing": 1, "ok": len(users) - 2}
+    assert stats["skipped"] is False
+    # Up to date: a second call skips.
+    assert score(experiment, "test")["test"]["skipped"] is True
