@@ -10,6 +10,7 @@ from trsr.config import AmazonM2Source
 from trsr.data.converters import convert
 from trsr.data.converters.amazon_m2 import convert as convert_amazon_m2
 from trsr.errors import ConfigError, InputFileError
+from tests.data.converted import sequences, items, rejects
 
 PRODUCTS_HEADER = "id,locale,title,price,brand,color,size,model,material,author,desc\n"
 PRODUCTS = PRODUCTS_HEADER + (
@@ -40,22 +41,6 @@ def make(tmp_path: Path, sessions: str | bytes = SESSIONS, products: str | bytes
 
 def run(folder: Path, **options):
     return convert_amazon_m2(AmazonM2Source(path=str(folder), **options))
-
-
-def sequences(result) -> dict[str, list[str]]:
-    table = result.sequences
-    return dict(zip(table.column("user_id").to_pylist(), table.column("item_ids").to_pylist()))
-
-
-def items(result) -> dict[str, list[tuple[str, str]]]:
-    return {
-        row["item_id"]: [(a["name"], a["value"]) for a in row["attributes"]]
-        for row in result.items.to_pylist()
-    }
-
-
-def rejects(result) -> list[dict]:
-    return result.rejects.table().to_pylist()
 
 
 def check_accounting(result, sessions_file: str, products_file: str) -> None:

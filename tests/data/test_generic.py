@@ -13,6 +13,7 @@ from trsr.config import GenericSource
 from trsr.data.converters import convert
 from trsr.data.converters.generic import convert as convert_generic
 from trsr.errors import ConfigError, InputFileError
+from tests.data.converted import sequences, timestamps, items, rejects
 
 # 2020-01-01T00:00:00Z and friends, as unix seconds.
 JAN1, JAN1_10H, JAN2 = 1577836800, 1577872800, 1577923200
@@ -106,27 +107,6 @@ def make_csv(tmp_path: Path, interactions: str | bytes = CSV_INTERACTIONS,
 
 def run(folder: Path, **options):
     return convert_generic(GenericSource(path=str(folder), **options))
-
-
-def sequences(result) -> dict[str, list[str]]:
-    table = result.sequences
-    return dict(zip(table.column("user_id").to_pylist(), table.column("item_ids").to_pylist()))
-
-
-def timestamps(result) -> dict[str, list[int] | None]:
-    table = result.sequences
-    return dict(zip(table.column("user_id").to_pylist(), table.column("timestamps").to_pylist()))
-
-
-def items(result) -> dict[str, list[tuple[str, str]]]:
-    return {
-        row["item_id"]: [(a["name"], a["value"]) for a in row["attributes"]]
-        for row in result.items.to_pylist()
-    }
-
-
-def rejects(result) -> list[dict]:
-    return result.rejects.table().to_pylist()
 
 
 def check_accounting(result, inter_file: str, item_file: str) -> None:

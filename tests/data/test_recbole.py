@@ -10,6 +10,7 @@ from trsr.config import RecBoleSource
 from trsr.data.converters import convert
 from trsr.data.converters.recbole import convert as convert_recbole
 from trsr.errors import ConfigError, InputFileError
+from tests.data.converted import sequences, timestamps, items, rejects
 
 ITEM = (
     "item_id:token\ttitle:token_seq\tprice:float\n"
@@ -43,27 +44,6 @@ def make(tmp_path: Path, files: dict[str, str | bytes]) -> Path:
 
 def run(folder: Path, **options):
     return convert_recbole(RecBoleSource(path=str(folder), **options))
-
-
-def sequences(result) -> dict[str, list[str]]:
-    table = result.sequences
-    return dict(zip(table.column("user_id").to_pylist(), table.column("item_ids").to_pylist()))
-
-
-def timestamps(result) -> dict[str, list[int] | None]:
-    table = result.sequences
-    return dict(zip(table.column("user_id").to_pylist(), table.column("timestamps").to_pylist()))
-
-
-def items(result) -> dict[str, list[tuple[str, str]]]:
-    return {
-        row["item_id"]: [(a["name"], a["value"]) for a in row["attributes"]]
-        for row in result.items.to_pylist()
-    }
-
-
-def rejects(result) -> list[dict]:
-    return result.rejects.table().to_pylist()
 
 
 def check_accounting(result, inter_file: str, item_file: str) -> None:
