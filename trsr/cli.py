@@ -4,6 +4,9 @@
     trsr data prepare    convert a raw dataset, sample ranking lists, write Parquet + stats
     trsr data stats      print the paper's Table 1 for a prepared run folder
     trsr summarize       summarize every user's history with an LLM (Ray Data job)
+    trsr train           LoRA fine-tune the recommender LLM (Ray Train job)
+    trsr score           score ranking lists with p(yes) (Ray Data batch inference)
+    trsr evaluate        metrics of every scored method with bootstrap intervals
     trsr run             run the whole pipeline from one experiment config
 
 Every command that takes --config also takes --set key=value overrides (dotted keys,
@@ -21,6 +24,7 @@ from typing import Sequence
 from trsr import __version__
 from trsr.config import SOURCE_FORMATS, SyntheticConfig, load
 from trsr.experiment import ExperimentConfig
+from trsr.recommend.prompt import VARIANTS
 from trsr.errors import TrsrError
 
 EPILOG = (
@@ -117,12 +121,55 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--force", action="store_true", help="run even if outputs are up to date")
     _add_config_args(summarize, required=True)
 
+    train = commands.add_parser(
+        "train",
+        help="LoRA fine-tune the recommender on the training split (Ray Train, DeepSpeed ZeRO-2)",
+        description="Build one training text per training candidate (the same guarded prompt "
+        "the scorer uses, followed by the Yes/No answer) as a Ray Data job, then fine-tune a "
+        "LoRA adapter with Ray Train (section `train`: DeepSpeed ZeRO-2 or torch, workers, "
+        "epochs, learning rate, ...). Checkpoints every epoch to <run_dir>/train/<method>/lora/, "
+        "resumes from the last one, validates each epoch on validation lists and keeps the best.",
+        epilog=EPILOG,
+    )
+    train.add_argument("--variant", default=None, choices=VARIANTS,
+                       help="recommender variant; default: score.prompt.variant")
+    train.add_argument("--force", action="store_true", help="retrain from scratch even if up to date")
+    _add_config_args(train, required=True)
+
+    score = commands.add_parser(
+        "score",
+        help="score ranking lists: p(yes) per candidate, user prefix shared (Ray Data)",
+        description="Score every candidate of the ranking lists of a split with the "
+        "recommender (the trained adapter of the variant unless score.engine.lora_adapter is "
+        "set or train.enabled is false): p(yes) from the Yes/No next-token logits, one shared "
+        "prompt prefix per user. Writes <run_dir>/scores/<method>/<split>.parquet.",
+        epilog=EPILOG,
+    )
+    score.add_argument("--variant", default=None, choices=VARIANTS,
+                       help="recommender variant; default: score.prompt.variant")
+    score.add_argument("--split", default=None, choices=["train", "valid", "test"],
+                       help="one split (default: every split in score.splits)")
+    score.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    _add_config_args(score, required=True)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Recall/MRR/NDCG@K and AUC of every scored method, with bootstrap intervals",
+        description="Evaluate every method under <run_dir>/scores/ (LLM variants and baselines) "
+        "on the same ranking lists: Recall@K, MRR@K, NDCG@K (section evaluate.ks) and AUC with "
+        "bootstrap intervals. Prints the table and writes <run_dir>/report/<split>.{md,json,png}.",
+        epilog=EPILOG,
+    )
+    evaluate.add_argument("--split", default=None, choices=["valid", "test"], help="default: evaluate.split")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_config_args(evaluate, required=True)
+
     run = commands.add_parser(
         "run",
         help="run the pipeline from one experiment config",
-        description="Run every stage of an experiment config into its run folder; a stage "
-        "whose outputs exist for the same config and inputs is skipped. Stages so far: "
-        "prepare (summarize, train, score and evaluate are added as they land).",
+        description="Run every stage of an experiment config into its run folder: prepare, "
+        "summarize, then for each of `variants` train and score, then evaluate. A stage whose "
+        "outputs exist for the same config and inputs is skipped.",
         epilog=EPILOG,
     )
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
@@ -200,6 +247,34 @@ def _cmd_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variant_experiment(args: argparse.Namespace) -> ExperimentConfig:
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    return experiment.for_variant(args.variant) if args.variant else experiment
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from trsr.recommend.sft import describe, train
+
+    print(describe(train(_variant_experiment(args), force=args.force)))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from trsr.recommend.score import describe, score
+
+    print(describe(score(_variant_experiment(args), split=args.split, force=args.force)))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from trsr.evaluate.report import evaluate, markdown
+
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    result = evaluate(experiment, split=args.split)
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from trsr.pipeline import run_pipeline
 
@@ -220,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("data", "prepare"): _cmd_prepare,
         ("data", "stats"): _cmd_stats,
         ("summarize", None): _cmd_summarize,
+        ("train", None): _cmd_train,
+        ("score", None): _cmd_score,
+        ("evaluate", None): _cmd_evaluate,
         ("run", None): _cmd_run,
     }
     key = (args.command, getattr(args, "data_command", None))

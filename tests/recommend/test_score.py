@@ -246,6 +246,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
             "score.engine.dtype=float32",
             "score.prompt.max_length=1024",
             "score.users_per_batch=2",
+            "train.enabled=false",  # the base (tiny) model scores
         ],
     )
     prepare(experiment)

@@ -319,6 +319,24 @@ def check_resources(config: EngineConfig) -> None:
         )
 
 
+def local_adapter(path: str) -> str:
+    """A local folder holding the adapter at `path`: `path` itself, or for s3:// a copy
+    under the trsr cache (engines load adapters from local files; on a cluster each
+    engine actor fetches its own copy)."""
+    from trsr import storage
+
+    if not storage.is_remote(path):
+        return path
+    import hashlib
+    import os
+
+    from trsr.llm.models import cache_dir
+    from trsr.recommend.train import copy_adapter
+
+    dest = os.path.join(cache_dir(), "adapters", hashlib.sha256(path.encode()).hexdigest()[:16])
+    return copy_adapter(path, dest)
+
+
 def build_engine(config: EngineConfig) -> Engine:
     """The engine `config` describes; resource and model problems fail before loading."""
     from trsr.llm.models import resolve
@@ -328,6 +346,7 @@ def build_engine(config: EngineConfig) -> Engine:
     if config.lora_adapter is not None:
         from pathlib import Path
 
+        config = config.model_copy(update={"lora_adapter": local_adapter(config.lora_adapter)})
         if not (Path(config.lora_adapter) / "adapter_config.json").is_file():
             raise ConfigError(
                 f"engine.lora_adapter={config.lora_adapter!r}: not a PEFT adapter folder "

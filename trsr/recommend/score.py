@@ -41,7 +41,7 @@ from trsr.config import fingerprint
 from trsr.data.schema import ATTRIBUTE, SCORES, SPLITS, conform
 from trsr.errors import ConfigError, TrsrError
 from trsr.recommend.config import ScoreConfig
-from trsr.recommend.prompt import PromptBuilder
+from trsr.recommend.prompt import PromptBuilder, RecommendPromptConfig
 from trsr.runs import RunFolder, inputs_signature
 
 if TYPE_CHECKING:
@@ -89,6 +89,11 @@ def p_yes(logp_yes: float, logp_no: float) -> float:
     return 1.0 / (1.0 + math.exp(d))
 
 
+def usable_summary(summary: str | None, status: str, prompt: RecommendPromptConfig) -> str | None:
+    """The summary a prompt shows: only a summary with status "ok", and none for tallrec."""
+    return summary if status == OK and prompt.has_summary else None
+
+
 class ScoreStage:
     """Ranking lists (LISTS rows) -> one scored row per candidate (STAGE_OUTPUT)."""
 
@@ -123,9 +128,7 @@ class ScoreStage:
                     f"list {columns['list_id'][i]}: {len(candidates)} candidates, "
                     f"{len(attributes)} candidate attributes, {len(labels)} labels"
                 )
-            summary = columns["summary"][i] if columns["summary_status"][i] == OK else None
-            if not self.config.prompt.has_summary:
-                summary = None
+            summary = usable_summary(columns["summary"][i], columns["summary_status"][i], self.config.prompt)
             prompts.append(self.builder.fit(summary, columns["history"][i], attributes))
         requests = [(p.prefix, p.suffixes) for p in prompts]
         results = self.engine.yes_no_logprobs(requests, self.config.prompt.yes, self.config.prompt.no)
@@ -280,12 +283,49 @@ def check_complete(scores: pa.Table, lists: pa.Table, where: str) -> None:
         log.warning("%s: %d score(s) at exactly 0 or 1 (float saturation)", where, bad)
 
 
+def stage_inputs(experiment: "ExperimentConfig", run: RunFolder) -> tuple[str | None, str | None]:
+    """Fingerprints of the prepared data and (for summary variants) the summaries; clear
+    errors when a stage the score or train stage needs has not run."""
+    if not storage.exists(run.manifest("prepared")):
+        raise TrsrError(
+            f"{run.manifest('prepared')}: not found; run `trsr data prepare` into {run.root} first"
+        )
+    prepared = storage.read_json(run.manifest("prepared")).get("fingerprint")
+    mode = experiment.score.prompt.mode
+    summaries = None
+    if mode is not None:
+        from trsr.summarize.job import summary_dir
+
+        if not storage.exists(summary_dir(run.root, mode)):
+            raise TrsrError(
+                f"{summary_dir(run.root, mode)}: not found; run `trsr summarize` with {mode} among "
+                f"summarize.modes first (variant {experiment.score.prompt.variant} reads {mode} summaries; "
+                "variant tallrec needs none)"
+            )
+        if storage.exists(run.manifest("summaries")):
+            summaries = storage.read_json(run.manifest("summaries")).get("fingerprint")
+        else:  # summaries written by other means: fingerprint the files themselves
+            summaries = fingerprint(inputs_signature(summary_dir(run.root, mode)))
+    return prepared, summaries
+
+
+def resolve_adapter(experiment: "ExperimentConfig") -> str | None:
+    """The LoRA adapter the scorer loads: score.engine.lora_adapter if set, else the
+    trained adapter of this method when train.enabled, else none (base model)."""
+    config: ScoreConfig = experiment.score
+    if config.engine.lora_adapter:
+        return config.engine.lora_adapter
+    train = getattr(experiment, "train", None)
+    if train is None or not train.enabled:
+        return None
+    from trsr.recommend.sft import trained_adapter
+
+    return trained_adapter(experiment.run_dir, config.method_name)
+
+
 def stage_fingerprint(experiment: "ExperimentConfig", run: RunFolder, split: str) -> str:
     config: ScoreConfig = experiment.score
-    prepared = storage.read_json(run.manifest("prepared")).get("fingerprint")
-    summaries = None
-    if config.prompt.mode is not None and storage.exists(run.manifest("summaries")):
-        summaries = storage.read_json(run.manifest("summaries")).get("fingerprint")
+    prepared, summaries = stage_inputs(experiment, run)
     adapter = inputs_signature(config.engine.lora_adapter) if config.engine.lora_adapter else None
     return fingerprint(config, split, prepared, summaries, adapter)
 
@@ -308,11 +348,15 @@ def score(experiment: "ExperimentConfig", split: str | None = "test", force: boo
         if name not in SPLITS:
             raise ConfigError(f"unknown split {name!r}; one of {SPLITS}")
     run = RunFolder(experiment.run_dir)
-    if not storage.exists(run.manifest("prepared")):
-        raise TrsrError(
-            f"{run.manifest('prepared')}: not found; run `trsr data prepare` into {run.root} first"
-        )
+    stage_inputs(experiment, run)
     config.prompt.check_min_history(experiment.prepare.protocol.min_history)
+    from trsr.llm.models import resolve
+
+    resolve(config.engine.model)  # an unknown model fails here, not inside an actor
+    adapter = resolve_adapter(experiment)
+    if adapter != config.engine.lora_adapter:
+        config = config.model_copy(update={"engine": config.engine.model_copy(update={"lora_adapter": adapter})})
+        experiment = experiment.model_copy(update={"score": config})
     method = config.method_name
     folder = storage.join(run.stage_dir(STAGE), method)
     manifest_path = storage.join(folder, "_manifest.json")
@@ -371,7 +415,7 @@ def score(experiment: "ExperimentConfig", split: str | None = "test", force: boo
         storage.write_parquet(conform(scored, SCORES, out), out)
 
         stats = split_stats(scored, lists, lists_in_split, seconds)
-        stats.update(method=method, split=name, path=out)
+        stats.update(method=method, split=name, path=out, adapter=config.engine.lora_adapter)
         all_stats[name] = stats
         storage.write_json(all_stats, stats_path)
         manifest["splits"][name] = {"fingerprint": key, "finished_at": time.time()}

@@ -1,0 +1,12 @@
+"""Train job: `python -m jobs.train --config jobs/configs/demo.yaml [--set k=v]`.
+
+Same as `trsr train`; runs on the Ray cluster named by RAY_ADDRESS (as under
+`ray job submit`) or on a local Ray cluster it starts.
+"""
+
+import sys
+
+from trsr.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,109 @@
+"""The evaluation report: every method on the same lists, intervals, Markdown/JSON/PNG."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from trsr import storage
+from trsr.config import load
+from trsr.data.schema import SCORES
+from trsr.errors import TrsrError
+from trsr.evaluate.report import evaluate, find_methods
+from trsr.experiment import ExperimentConfig
+
+
+def write_scores(run_dir, method, lists, scorer, split="test", size=21):
+    rows = []
+    for n in range(lists):
+        for c in range(size):
+            label = int(c == n % size)  # the positive sits at a different place per list
+            rows.append(dict(list_id=f"{split}:{n:04d}", split=split, user_id=f"u{n}", candidate=f"N{c}",
+                             label=label, score=float(scorer(n, c, label)), method=method))
+    table = pa.Table.from_pylist(rows, schema=SCORES)
+    storage.write_parquet(table, storage.join(run_dir, "scores", method, f"{split}.parquet"))
+
+
+def experiment(run_dir, *extra):
+    return load(ExperimentConfig, None, [f"run_dir={run_dir}", "prepare.source.format=mind",
+                                         "prepare.source.path=unused", "evaluate.bootstrap=300", *extra])
+
+
+def test_perfect_constant_and_random_scorers(tmp_path):
+    run = str(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    write_scores(run, "perfect", 600, lambda n, c, label: label)
+    write_scores(run, "constant", 600, lambda n, c, label: 0.5)
+    write_scores(run, "random", 600, lambda n, c, label: rng.random())
+    assert find_methods(run, "test") == ["constant", "perfect", "random"]
+
+    result = evaluate(experiment(run))
+    perfect, constant, random = (result["methods"][m] for m in ("perfect", "constant", "random"))
+    for k in (3, 5, 10):
+        assert perfect["metrics"][f"recall@{k}"] == 1.0 and perfect["intervals"][f"recall@{k}"] == [1.0, 1.0]
+        assert perfect["metrics"][f"mrr@{k}"] == 1.0
+    # The constant and the random scorer land at chance (k/21), within 4 standard errors.
+    for row in (constant, random):
+        for k in (3, 5, 10):
+            p = k / 21
+            assert abs(row["metrics"][f"recall@{k}"] - p) < 4 * (p * (1 - p) / 600) ** 0.5
+            low, high = row["intervals"][f"recall@{k}"]
+            assert low <= row["metrics"][f"recall@{k}"] <= high and high - low < 0.1
+    assert constant["metrics"]["auc"] == 0.5
+    assert result["chance"]["recall@3"] == pytest.approx(3 / 21)
+    assert perfect["users"] == perfect["lists"] == 600
+
+    md = storage.read_bytes(storage.join(run, "report", "test.md")).decode()
+    header = md.splitlines()[2]
+    assert header.split("|")[3:9] == [" Recall@3 ", " Recall@5 ", " Recall@10 ", " MRR@3 ", " MRR@5 ", " MRR@10 "]
+    assert "| perfect | 600 | 1.0000 [1.000, 1.000]" in md
+    assert json.loads(storage.read_bytes(storage.join(run, "report", "test.json")))["methods"].keys() == {
+        "perfect", "constant", "random"}
+    assert storage.read_bytes(storage.join(run, "report", "test.png"))[:4] == b"\x89PNG"
+
+    # Deterministic: the same inputs and seed give the same report.
+    assert evaluate(experiment(run), write=False)["methods"] == result["methods"]
+
+
+def test_methods_are_compared_on_the_lists_they_share(tmp_path):
+    run = str(tmp_path / "run")
+    write_scores(run, "all", 50, lambda n, c, label: label)
+    write_scores(run, "some", 20, lambda n, c, label: label)
+    result = evaluate(experiment(run))
+    assert result["lists"] == 20
+    assert result["methods"]["all"]["lists"] == 20 and result["methods"]["all"]["lists_scored"] == 50
+    assert "Lists scored per method" in storage.read_bytes(storage.join(run, "report", "test.md")).decode()
+    only = evaluate(experiment(run, "evaluate.methods=[all]"), write=False)
+    assert only["lists"] == 50 and list(only["methods"]) == ["all"]
+
+
+def test_missing_scores_and_bad_files_fail_clearly(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(TrsrError, match="no scores for split 'test'; run `trsr score`"):
+        evaluate(experiment(run))
+    write_scores(run, "a", 5, lambda n, c, label: label)
+    with pytest.raises(TrsrError, match=r"scores/b/test.parquet: not found"):
+        evaluate(experiment(run, "evaluate.methods=[a, b]"))
+    bad = pa.table({"list_id": ["x"], "score": [0.1]})
+    storage.write_parquet(bad, storage.join(run, "scores", "c", "test.parquet"))
+    with pytest.raises(TrsrError, match=r"scores/c/test.parquet: missing column\(s\)"):
+        evaluate(experiment(run))
+
+
+def test_evaluate_cli_prints_the_table(tmp_path, capsys):
+    from trsr.cli import main
+
+    run = str(tmp_path / "run")
+    write_scores(run, "perfect", 30, lambda n, c, label: label)
+    code = main(["evaluate", "--set", f"run_dir={run}", "--set", "prepare.source.format=mind",
+                 "--set", "prepare.source.path=unused", "--config", str(write_yaml(tmp_path))])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| perfect | 30 | 1.0000" in out
+
+
+def write_yaml(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("run_dir: x\nprepare:\n  source:\n    format: mind\n    path: unused\n")
+    return path

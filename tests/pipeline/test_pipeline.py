@@ -1,0 +1,144 @@
+"""The whole pipeline on a tiny random model: prepare, summarize, train, score, evaluate
+(both summary variants), then the same run again skipping every stage; and the clear
+errors of stages run out of order or with bad configs."""
+
+import json
+
+import pyarrow.compute as pc
+import pytest
+
+from trsr import storage
+from trsr.config import load
+from trsr.data.schema import SCORES
+from trsr.errors import ConfigError, TrsrError
+from trsr.experiment import ExperimentConfig
+from trsr.runs import RunFolder
+
+
+def tiny_experiment(tmp_path, tiny_model, *extra) -> ExperimentConfig:
+    return load(
+        ExperimentConfig,
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            "prepare.source.format=mind",
+            f"prepare.source.path={tmp_path / 'data'}",
+            "prepare.synthetic.users=36",
+            "prepare.synthetic.items=150",
+            "prepare.synthetic.min_history=4",
+            "prepare.synthetic.max_history=9",
+            "prepare.protocol.min_history=4",
+            "prepare.protocol.max_history=9",
+            "summarize.block_size=4",
+            "summarize.execution=fused",
+            "summarize.users_per_batch=8",
+            f"summarize.engine.model={tiny_model}",
+            "summarize.engine.max_model_len=1024",
+            "summarize.generation.max_new_tokens=8",
+            "summarize.generation.retry_temperature=0",
+            f"score.engine.model={tiny_model}",
+            "score.engine.max_model_len=1024",
+            "score.engine.dtype=float32",
+            "score.prompt.max_length=1024",
+            "score.users_per_batch=4",
+            "score.splits=[test]",
+            "train.epochs=1",
+            "train.per_device_batch_size=4",
+            "train.gradient_accumulation=1",
+            "train.learning_rate=1e-3",
+            "train.deepspeed=false",
+            "train.max_lists=12",
+            "train.valid_lists=3",
+            "evaluate.bootstrap=200",
+            "variants=[hierarchical, recurrent]",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_model, ray_local):
+    from trsr.pipeline import run_pipeline
+
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    experiment = tiny_experiment(tmp_path, tiny_model)
+    results = run_pipeline(experiment)
+    return experiment, results
+
+
+def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
+    experiment, results = finished_run
+    run = RunFolder(experiment.run_dir)
+    test_lists = set(storage.read_parquet(run.samples("test")).column("list_id").to_pylist())
+    for method in ("llm-trsr-hierarchical", "llm-trsr-recurrent"):
+        trained = results[f"train {method}"]
+        assert trained["examples"] == 2 * trained["lists"] == 24  # 1:1 training lists
+        assert len(trained["history"]) == 1 and trained["history"][0]["valid"]["lists"] == 3
+        assert storage.exists(storage.join(trained["best_adapter"], "adapter_config.json"))
+        scores = storage.read_parquet(storage.join(run.root, "scores", method, "test.parquet"))
+        assert scores.schema.equals(SCORES)
+        assert set(scores.column("list_id").to_pylist()) == test_lists
+        assert scores.num_rows == 21 * len(test_lists)
+        # The scorer loaded this method's trained adapter.
+        stats = results[f"score {method}"]["test"]
+        assert stats["adapter"] == trained["best_adapter"]
+    report = results["evaluate"]
+    assert list(report["methods"]) == ["llm-trsr-hierarchical", "llm-trsr-recurrent"]
+    for row in report["methods"].values():
+        assert row["lists"] == len(test_lists) and row["users"] == len(test_lists)
+        for name in ("recall@3", "recall@5", "recall@10", "mrr@3", "mrr@5", "mrr@10", "ndcg@10", "auc"):
+            low, high = row["intervals"][name]
+            assert 0.0 <= low <= row["metrics"][name] <= high <= 1.0
+    assert report["chance"]["recall@3"] == pytest.approx(3 / 21)
+    markdown = storage.read_bytes(storage.join(run.root, "report", "test.md")).decode()
+    assert "| llm-trsr-recurrent |" in markdown and "Recall@3" in markdown and "(chance)" in markdown
+    assert storage.read_bytes(storage.join(run.root, "report", "test.png"))[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(storage.read_bytes(storage.join(run.root, "report", "test.json")))["lists"] == len(test_lists)
+
+
+def test_rerun_skips_every_stage_and_a_change_reruns_only_what_it_touches(finished_run, tmp_path):
+    from trsr.pipeline import run_pipeline
+
+    experiment, first = finished_run
+    again = run_pipeline(experiment)
+    assert again["prepare"]["skipped"] and again["summarize"]["skipped"]
+    for method in ("llm-trsr-hierarchical", "llm-trsr-recurrent"):
+        assert again[f"train {method}"]["skipped"] is True
+        assert again[f"score {method}"]["test"]["skipped"] is True
+    assert again["evaluate"]["methods"] == first["evaluate"]["methods"]
+
+    # A change that only concerns scoring (batching) rescores without retraining.
+    changed = experiment.model_copy(
+        update={"score": experiment.score.model_copy(update={"users_per_batch": 2})}
+    )
+    third = run_pipeline(changed)
+    assert third["summarize"]["skipped"] and third["train llm-trsr-recurrent"]["skipped"]
+    assert third["score llm-trsr-recurrent"]["test"]["skipped"] is False
+
+
+def test_stages_out_of_order_and_bad_configs_fail_clearly(tmp_path, tiny_model, ray_local):
+    from trsr.data.prepare import prepare
+    from trsr.recommend.score import score
+    from trsr.recommend.sft import train
+
+    experiment = tiny_experiment(tmp_path, tiny_model)
+    with pytest.raises(TrsrError, match=r"prepared/_manifest.json: not found; run `trsr data prepare`"):
+        train(experiment)
+    prepare(experiment)
+    with pytest.raises(TrsrError, match=r"summaries/hierarchical: not found; run `trsr summarize`"):
+        train(experiment)
+    with pytest.raises(TrsrError, match=r"train/llm-trsr-tallrec/result.json: not found; run `trsr train`"):
+        score(experiment.for_variant("tallrec"))
+    # K larger than the shortest history the protocol allows.
+    deep = experiment.for_variant("tallrec")
+    deep = deep.model_copy(update={"score": deep.score.model_copy(
+        update={"prompt": deep.score.prompt.model_copy(update={"recent_items": 30})})})
+    with pytest.raises(ConfigError, match="recent_items.*30.*min_history"):
+        score(deep)
+    # An unknown model names itself.
+    with pytest.raises(ConfigError, match="no-such-model"):
+        score(tiny_experiment(tmp_path, tiny_model, "score.engine.model=no-such-model",
+                              "train.enabled=false").for_variant("tallrec"))
+    # A variant whose summaries are not produced.
+    with pytest.raises(Exception, match="reads recurrent summaries but summarize.modes"):
+        tiny_experiment(tmp_path, tiny_model, "summarize.modes=[hierarchical]")

@@ -1,0 +1,255 @@
+"""`trsr evaluate`: every scored method of a run in one table, with bootstrap intervals.
+
+    <run_dir>/scores/<method>/<split>.parquet   (SCORES rows; LLM variants, baselines)
+      -> <run_dir>/report/<split>.json   per method: mean metrics, 95% intervals, lists, users
+         <run_dir>/report/<split>.md     the paper's Table 2 layout (Recall@K, MRR@K) + NDCG, AUC
+         <run_dir>/report/<split>.png    bar chart with the intervals and the chance level
+
+Every method is evaluated on the same ranking lists: when methods cover different lists
+(one scored with `max_lists`, another on everything) the table uses the lists all of
+them share and says how many each had. Scores are sorted by (list, candidate) before the
+metrics, so the seeded tie-breaking does not depend on the order rows were written in.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from trsr import storage
+from trsr.config import Section
+from trsr.data.schema import SCORES
+from trsr.errors import TrsrError
+from trsr.evaluate.metrics import bootstrap_ci, chance_level, per_list_metrics, summarize
+from trsr.runs import RunFolder
+
+if TYPE_CHECKING:
+    from trsr.experiment import ExperimentConfig
+
+log = logging.getLogger(__name__)
+SCORES_STAGE = "scores"
+REPORT_STAGE = "report"
+
+
+class EvaluateConfig(Section):
+    """Section `evaluate` of an experiment."""
+
+    split: Literal["valid", "test"] = "test"
+    ks: list[int] = [3, 5, 10]
+    # How tied scores are ordered (see trsr.evaluate.metrics): random (seeded), pessimistic, optimistic.
+    ties: Literal["random", "pessimistic", "optimistic"] = "random"
+    # Bootstrap resamples of the lists for the intervals, and their confidence.
+    bootstrap: int = Field(1000, ge=1)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    # Methods (folders under scores/) in the table; null = every method found.
+    methods: list[str] | None = None
+    # Also draw report/<split>.png.
+    chart: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateConfig":
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be positive integers, got {self.ks}")
+        if self.methods is not None and not self.methods:
+            raise ValueError("methods: name at least one method, or null for all")
+        return self
+
+
+def report_path(run_dir: str, split: str, suffix: str) -> str:
+    return storage.join(RunFolder(run_dir).stage_dir(REPORT_STAGE), f"{split}.{suffix}")
+
+
+def find_methods(run_dir: str, split: str) -> list[str]:
+    """Methods with a scores/<method>/<split>.parquet, sorted by name."""
+    root = RunFolder(run_dir).stage_dir(SCORES_STAGE)
+    if not storage.exists(root):
+        return []
+    fs = storage.fsspec_filesystem(root)
+    found = []
+    for entry in fs.ls(root, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if storage.exists(storage.join(root, name, f"{split}.parquet")):
+            found.append(name)
+    return sorted(found)
+
+
+def _read_scores(run_dir: str, method: str, split: str) -> pa.Table:
+    path = storage.join(RunFolder(run_dir).stage_dir(SCORES_STAGE), method, f"{split}.parquet")
+    if not storage.exists(path):
+        raise TrsrError(f"{path}: not found; score method {method!r} on split {split!r} first")
+    table = storage.read_parquet(path)
+    missing = [name for name in SCORES.names if name not in table.column_names]
+    if missing:
+        raise TrsrError(f"{path}: missing column(s) {missing}; expected the SCORES schema {SCORES.names}")
+    table = table.select(SCORES.names)
+    if table.num_rows == 0:
+        raise TrsrError(f"{path}: no rows")
+    nan = pc.sum(pc.is_nan(table.column("score"))).as_py()
+    if nan:
+        raise TrsrError(f"{path}: {nan} NaN score(s)")
+    return table.sort_by([("list_id", "ascending"), ("candidate", "ascending")])
+
+
+def evaluate(
+    experiment: "ExperimentConfig", split: str | None = None, methods: list[str] | None = None, write: bool = True
+) -> dict:
+    """Metrics of `methods` (default evaluate.methods, else every method found) on
+    `split` (default evaluate.split); writes the report."""
+    config: EvaluateConfig = experiment.evaluate
+    split = split or config.split
+    run_dir = experiment.run_dir
+    methods = methods or config.methods or find_methods(run_dir, split)
+    if not methods:
+        raise TrsrError(
+            f"{storage.join(run_dir, SCORES_STAGE)}: no scores for split {split!r}; run `trsr score` "
+            "(or `trsr baselines`) first"
+        )
+    tables = {method: _read_scores(run_dir, method, split) for method in methods}
+
+    coverage = {m: set(t.column("list_id").unique().to_pylist()) for m, t in tables.items()}
+    common = set.intersection(*coverage.values())
+    if not common:
+        raise TrsrError(f"the methods {methods} share no ranking list on split {split!r}")
+    if any(len(lists) != len(common) for lists in coverage.values()):
+        log.warning(
+            "methods cover different lists (%s); evaluating the %d lists all of them share",
+            {m: len(v) for m, v in coverage.items()},
+            len(common),
+        )
+    keep = pa.array(sorted(common))
+    ks = tuple(config.ks)
+    alpha = 1.0 - config.confidence
+    rows: dict[str, dict] = {}
+    list_sizes: set[int] = set()
+    for method, table in tables.items():
+        table = table.filter(pc.is_in(table.column("list_id"), value_set=keep))
+        per_list = per_list_metrics(
+            table.column("list_id"), table.column("label"), table.column("score"),
+            ks=ks, ties=config.ties, seed=experiment.seed,
+        )
+        list_sizes.update(int(s) for s in np.unique(per_list["size"]))
+        means = summarize(per_list)
+        intervals = {}
+        for name in means:
+            if name in ("lists", "auc_excluded"):
+                continue
+            low, high = bootstrap_ci(per_list[name], n=config.bootstrap, alpha=alpha, seed=experiment.seed)
+            intervals[name] = [low, high]
+        rows[method] = {
+            "metrics": {k: v for k, v in means.items() if k not in ("lists", "auc_excluded")},
+            "intervals": intervals,
+            "lists": int(means["lists"]),
+            "lists_scored": len(coverage[method]),
+            "users": len(set(table.column("user_id").to_pylist())),
+            "candidates": table.num_rows,
+        }
+    chance = {}
+    if len(list_sizes) == 1:
+        size = list_sizes.pop()
+        for k in ks:
+            chance.update(chance_level(size, k))
+        chance["auc"] = 0.5
+        chance_note = f"a random ranking of {size} candidates"
+    else:
+        chance_note = f"lists of different sizes {sorted(list_sizes)}: no single chance level"
+    result = {
+        "run_dir": run_dir,
+        "split": split,
+        "ks": list(ks),
+        "ties": config.ties,
+        "confidence": config.confidence,
+        "bootstrap": config.bootstrap,
+        "seed": experiment.seed,
+        "lists": len(common),
+        "methods": rows,
+        "chance": chance,
+        "chance_note": chance_note,
+    }
+    if write:
+        storage.write_json(result, report_path(run_dir, split, "json"))
+        storage.write_text(markdown(result), report_path(run_dir, split, "md"))
+        if config.chart:
+            write_chart(result, report_path(run_dir, split, "png"))
+    return result
+
+
+def _cell(row: dict, name: str, with_interval: bool = True) -> str:
+    value = row["metrics"].get(name, math.nan)
+    if not with_interval or name not in row.get("intervals", {}):
+        return f"{value:.4f}"
+    low, high = row["intervals"][name]
+    return f"{value:.4f} [{low:.3f}, {high:.3f}]"
+
+
+def markdown(result: dict) -> str:
+    """The paper's Table 2 layout (Recall@K then MRR@K per method), then NDCG@K and AUC."""
+    ks = result["ks"]
+    pct = round(result["confidence"] * 100)
+    main = [f"recall@{k}" for k in ks] + [f"mrr@{k}" for k in ks]
+    extra = [f"ndcg@{k}" for k in ks] + ["auc"]
+    lines = [
+        f"# {result['split']} split: {result['lists']} ranking lists, {pct}% bootstrap intervals "
+        f"({result['bootstrap']} resamples of the lists), ties {result['ties']}",
+        "",
+    ]
+    for names in (main, extra):
+        header = ["method", "users"] + [n.replace("recall", "Recall").replace("mrr", "MRR").replace("ndcg", "NDCG").replace("auc", "AUC") for n in names]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(["---"] * len(header)) + "|")
+        for method, row in result["methods"].items():
+            lines.append("| " + " | ".join([method, str(row["users"])] + [_cell(row, n) for n in names]) + " |")
+        if result["chance"]:
+            lines.append("| " + " | ".join(["(chance)", ""] + [_cell({"metrics": result["chance"]}, n, False) for n in names]) + " |")
+        lines.append("")
+    partial = {m: r["lists_scored"] for m, r in result["methods"].items() if r["lists_scored"] != result["lists"]}
+    if partial:
+        lines.append(f"Lists scored per method (the table uses the {result['lists']} shared): {partial}")
+    else:
+        lines.append(f"Chance level: {result['chance_note']}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_chart(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"recall@{k}" for k in result["ks"]] + [f"mrr@{k}" for k in result["ks"]]
+    methods = list(result["methods"])
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 0.3 * len(methods)), 4))
+    for i, method in enumerate(methods):
+        row = result["methods"][method]
+        values = np.array([row["metrics"][n] for n in names])
+        lows = np.array([row["intervals"][n][0] for n in names])
+        highs = np.array([row["intervals"][n][1] for n in names])
+        ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=method,
+               yerr=[values - lows, highs - values], capsize=2)
+    if result["chance"]:
+        for j, n in enumerate(names):
+            ax.hlines(result["chance"][n], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                      label="chance" if j == 0 else None)
+    ax.set_xticks(x, [n.replace("recall", "Recall").replace("mrr", "MRR") for n in names])
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{result['split']}: {result['lists']} lists, {round(result['confidence'] * 100)}% intervals")
+    ax.legend(fontsize="small", ncol=2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    with storage.open_binary(path, "wb") as handle:
+        handle.write(buffer.getvalue())
+
+
+def describe(result: dict) -> str:
+    return markdown(result)
+
