@@ -1,0 +1,202 @@
+"""Quality table (the paper's Table 2 layout): baselines (and LLM variants) per dataset.
+
+    .venv/bin/python benchmarks/quality_table.py                 # amazon-games-6k + demo
+    .venv/bin/python benchmarks/quality_table.py --datasets demo --set baselines.epochs=5
+    .venv/bin/python benchmarks/quality_table.py --llm           # also the LLM variants
+
+For each dataset: prepare (skipped when up to date), train and score the baselines
+(`trsr.baselines.job.run_baselines`, skipped when up to date), optionally run the LLM
+pipeline (`--llm`), then evaluate every method found under <run_dir>/scores/ on the
+test lists that all of them share (`trsr.evaluate.report`): Recall@3/5/10 and MRR@3/5/10
+with 95% bootstrap intervals and the number of users behind each figure.
+
+Writes benchmarks/results/quality_table.md and .json; run folders live in
+benchmarks/results/cache/quality/<dataset>/ (the repository's configs' run_dir is not
+touched). `../shared/data/amazon-games-6k` is skipped with a note when absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trsr.baselines.config import MODELS  # noqa: E402
+from trsr.config import load  # noqa: E402
+from trsr.experiment import ExperimentConfig  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+CACHE = RESULTS / "cache" / "quality"
+KS = (3, 5, 10)
+COLUMNS = [f"recall@{k}" for k in KS] + [f"mrr@{k}" for k in KS]
+
+DATASETS = {
+    # name: (recipe, overrides that keep the run inside the benchmark cache)
+    "amazon_games": ("jobs/configs/amazon_games.yaml", []),
+    "demo": (
+        "jobs/configs/demo.yaml",
+        [f"prepare.source.path={CACHE / 'demo-data' / 'mind-synthetic'}"],
+    ),
+}
+
+
+def experiment_for(name: str, extra: list[str]) -> ExperimentConfig:
+    recipe, overrides = DATASETS[name]
+    return load(ExperimentConfig, REPO / recipe, [f"run_dir={CACHE / name}", *overrides, *extra])
+
+
+def run_llm(experiment: ExperimentConfig) -> None:
+    """Hook for the LLM variants (summarize, train, score into scores/<method>/).
+
+    Not wired yet: the LLM pipeline's owner connects `trsr.pipeline` here. Whatever
+    LLM scores already exist under <run_dir>/scores/ are evaluated in any case.
+    """
+    raise NotImplementedError(
+        "--llm: the LLM pipeline is not wired into the quality table yet; run `trsr run` "
+        f"with run_dir={experiment.run_dir} and rerun this script without --llm"
+    )
+
+
+def method_order(methods: list[str]) -> list[str]:
+    """Random, popularity, the seven baselines in the paper's order, then the rest."""
+    rank = {m: i for i, m in enumerate(["random", "popularity", *[m for m in MODELS if m not in ("popularity", "random")]])}
+    return sorted(methods, key=lambda m: (rank.get(m.removesuffix("_id"), len(rank)), m))
+
+
+def evaluate_run(experiment: ExperimentConfig, split: str = "test") -> dict:
+    """Every method under scores/ on the shared lists (trsr.evaluate.report when present)."""
+    try:
+        from trsr.evaluate.report import evaluate
+    except ImportError:  # the report module has not landed: same metric code, by hand
+        return _evaluate_fallback(experiment, split)
+    return evaluate(experiment, split=split, write=True)
+
+
+def _evaluate_fallback(experiment: ExperimentConfig, split: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from trsr import storage
+    from trsr.evaluate.metrics import bootstrap_ci, per_list_metrics, summarize
+    from trsr.runs import RunFolder
+
+    root = RunFolder(experiment.run_dir).stage_dir("scores")
+    methods = sorted(p.name for p in Path(root).iterdir() if (p / f"{split}.parquet").exists())
+    tables = {m: storage.read_parquet(str(Path(root) / m / f"{split}.parquet")) for m in methods}
+    common = set.intersection(*(set(t.column("list_id").to_pylist()) for t in tables.values()))
+    keep = pa.array(sorted(common))
+    rows = {}
+    for method, table in tables.items():
+        table = table.filter(pc.is_in(table.column("list_id"), value_set=keep))
+        table = table.sort_by([("list_id", "ascending"), ("candidate", "ascending")])
+        per_list = per_list_metrics(table.column("list_id"), table.column("label"), table.column("score"),
+                                    ks=KS, seed=experiment.seed)
+        means = summarize(per_list)
+        rows[method] = {
+            "metrics": {k: v for k, v in means.items() if k not in ("lists", "auc_excluded")},
+            "intervals": {k: list(bootstrap_ci(per_list[k], seed=experiment.seed)) for k in COLUMNS + ["auc"]},
+            "lists": int(means["lists"]),
+            "users": len(set(table.column("user_id").to_pylist())),
+        }
+    return {"split": split, "lists": len(common), "methods": rows, "chance": {}}
+
+
+def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
+    from trsr import storage
+    from trsr.baselines.job import run_baselines
+    from trsr.data.prepare import prepare
+    from trsr.runs import RunFolder
+
+    experiment = experiment_for(name, extra)
+    started = time.perf_counter()
+    prepare(experiment)
+    baselines = run_baselines(experiment)
+    if llm:
+        run_llm(experiment)
+    result = evaluate_run(experiment)
+    seconds = time.perf_counter() - started
+    stats = storage.read_json(RunFolder(experiment.run_dir).stats("prepared"))
+    users = {m: row["users"] for m, row in result["methods"].items()}
+    if len(set(users.values())) != 1:
+        raise AssertionError(f"{name}: methods are evaluated on different users: {users}")
+    timing = {m: {"seconds": s.get("seconds"), "best_epoch": (s.get("training") or {}).get("best_epoch"),
+                  "skipped": s.get("skipped")} for m, s in baselines.items()}
+    return {
+        "dataset": name,
+        "run_dir": experiment.run_dir,
+        "split": result["split"],
+        "lists": result["lists"],
+        "users_per_split": stats["accounting"]["protocol"]["users_per_split"],
+        "items": stats.get("table1", {}).get("items"),
+        "methods": {m: result["methods"][m] for m in method_order(list(result["methods"]))},
+        "chance": result.get("chance", {}),
+        "baselines": timing,
+        "baselines_config": experiment.baselines.model_dump(mode="json"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def markdown(tables: list[dict]) -> str:
+    lines = ["# Quality: baselines and LLM-TRSR variants on the same test lists", ""]
+    lines.append("Each cell: mean over the test lists [95% bootstrap interval, 1000 resamples of the lists]; "
+                 "`users` = users (one list each) behind every figure of the row. Ties are broken at "
+                 "random under the run's seed.")
+    lines.append("")
+    for table in tables:
+        lines.append(f"## {table['dataset']} ({table['lists']} test lists, 1 positive + 20 negatives)")
+        lines.append("")
+        header = ["method", "users"] + [c.replace("recall", "Recall").replace("mrr", "MRR") for c in COLUMNS]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "|".join(["---"] * len(header)) + "|")
+        for method, row in table["methods"].items():
+            cells = []
+            for c in COLUMNS:
+                low, high = row["intervals"][c]
+                cells.append(f"{row['metrics'][c]:.3f} [{low:.3f}, {high:.3f}]")
+            lines.append("| " + " | ".join([method, str(row["users"])] + cells) + " |")
+        if table["chance"]:
+            lines.append("| " + " | ".join(["(chance)", ""] + [f"{table['chance'][c]:.3f}" for c in COLUMNS]) + " |")
+        lines.append("")
+        timing = ", ".join(
+            f"{m} {t['seconds']:.0f}s" + (f" (best epoch {t['best_epoch']})" if t["best_epoch"] else "")
+            for m, t in table["baselines"].items() if t["seconds"] is not None
+        )
+        lines.append(f"Baseline task times (wall, sharing the machine): {timing}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument("--llm", action="store_true", help="also run the LLM variants (hook, see run_llm)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every dataset, e.g. baselines.epochs=10")
+    parser.add_argument("--output", default=str(RESULTS / "quality_table"), help="path without suffix")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    tables = []
+    for name in args.datasets:
+        if name == "amazon_games" and not (REPO.parent / "shared" / "data" / "amazon-games-6k").is_dir():
+            print(f"skipping {name}: ../shared/data/amazon-games-6k not present")
+            continue
+        tables.append(dataset_table(name, args.overrides, args.llm))
+    text = markdown(tables)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".md").write_text(text)
+    output.with_suffix(".json").write_text(json.dumps(tables, indent=2))
+    print(text)
+    print(f"wrote {output.with_suffix('.md')} and {output.with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
