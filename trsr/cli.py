@@ -4,6 +4,7 @@
     trsr data prepare    convert a raw dataset, sample ranking lists, write Parquet + stats
     trsr data stats      print the paper's Table 1 for a prepared run folder
     trsr summarize       summarize every user's history with an LLM (Ray Data job)
+    trsr baselines       train and score the classic baselines on the same lists
     trsr train           LoRA fine-tune the recommender LLM (Ray Train job)
     trsr score           score ranking lists with p(yes) (Ray Data batch inference)
     trsr evaluate        metrics of every scored method with bootstrap intervals
@@ -120,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summarize.add_argument("--force", action="store_true", help="run even if outputs are up to date")
     _add_config_args(summarize, required=True)
+
+    baselines = commands.add_parser(
+        "baselines",
+        help="train and score the classic baselines (NCF ... CORE, popularity, random)",
+        description="Encode every item's text once (Ray Data, cached in <run_dir>/embeddings/), "
+        "train the models of section `baselines` on the training split (one Ray task per "
+        "model) and score the valid/test lists into <run_dir>/scores/<method>/, the LLM "
+        "scorer's schema, so `trsr evaluate` tables them together. See trsr/baselines/README.md.",
+        epilog=EPILOG,
+    )
+    baselines.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    _add_config_args(baselines, required=True)
 
     train = commands.add_parser(
         "train",
@@ -252,6 +265,14 @@ def _variant_experiment(args: argparse.Namespace) -> ExperimentConfig:
     return experiment.for_variant(args.variant) if args.variant else experiment
 
 
+def _cmd_baselines(args: argparse.Namespace) -> int:
+    from trsr.baselines.job import describe, run_baselines
+
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    print(describe(run_baselines(experiment, force=args.force)))
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from trsr.recommend.sft import describe, train
 
@@ -295,6 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("data", "prepare"): _cmd_prepare,
         ("data", "stats"): _cmd_stats,
         ("summarize", None): _cmd_summarize,
+        ("baselines", None): _cmd_baselines,
         ("train", None): _cmd_train,
         ("score", None): _cmd_score,
         ("evaluate", None): _cmd_evaluate,

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import model_validator
 
+from trsr.baselines.config import BaselinesConfig
 from trsr.config import PrepareConfig, Section
 from trsr.evaluate.report import EvaluateConfig
 from trsr.recommend.config import ScoreConfig
@@ -35,6 +36,7 @@ class ExperimentConfig(Section):
     train: SFTConfig = SFTConfig()
     score: ScoreConfig = ScoreConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     # Recommender variants `trsr run` trains and scores; null = [score.prompt.variant].
     variants: list[Variant] | None = None
 
