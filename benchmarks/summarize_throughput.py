@@ -30,7 +30,8 @@ issue: the job keeps >= 85% of the bare engine's throughput.
 Ray caps a worker's OMP_NUM_THREADS at its num_cpus when the variable is unset; the
 script records what an engine actor's worker sees (`ray_worker` in the JSON), and
 `--omp-threads N` exports OMP_NUM_THREADS=N before Ray starts (workers inherit it), to
-measure the job without that cap. `--enforce-eager` sets engine.enforce_eager (vLLM
+measure the job without that cap; `--engine-cpus N` sets engine.num_cpus=N, which
+raises the cap the way users should (the demo recipe uses 2). `--enforce-eager` sets engine.enforce_eager (vLLM
 skips torch.compile: a much shorter engine start, somewhat slower decoding).
 """
 
@@ -87,6 +88,7 @@ def experiment_for(args, backend: str, execution: str):
         "summarize.engine.max_model_len=2048",
         f"summarize.engine.batch_size={args.engine_batch_size or args.users}",
         f"summarize.engine.enforce_eager={str(args.enforce_eager).lower()}",
+        f"summarize.engine.num_cpus={args.engine_cpus}",
         "summarize.generation.temperature=0",
         f"summarize.generation.max_new_tokens={args.max_new_tokens}",
     ]
@@ -495,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="engine.batch_size (prompts per engine call); default = --users")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="engine.enforce_eager (vLLM: no torch.compile; starts faster, may decode slower)")
+    parser.add_argument("--engine-cpus", type=int, default=1,
+                        help="engine.num_cpus: Ray CPUs per engine actor, which Ray also makes the "
+                        "actor's OMP_NUM_THREADS (torch threads); 2 on a 2-core machine uses both")
     parser.add_argument("--omp-threads", type=int, default=None,
                         help="export OMP_NUM_THREADS before Ray starts (default: leave unset, as users run it)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
@@ -593,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model,
             "engine_batch_size": args.engine_batch_size or args.users,
             "omp_threads": args.omp_threads,
+            "engine_cpus": args.engine_cpus,
             "enforce_eager": args.enforce_eager,
             "target": TARGET,
             "summarize": experiment_for(args, args.backends[0], args.execution[0]).summarize.model_dump(mode="json"),

@@ -127,7 +127,7 @@ def test_stages_out_of_order_and_bad_configs_fail_clearly(tmp_path, tiny_model, 
     prepare(experiment)
     with pytest.raises(TrsrError, match=r"summaries/hierarchical: not found; run `trsr summarize`"):
         train(experiment)
-    with pytest.raises(TrsrError, match=r"train/llm-trsr-tallrec/result.json: not found; run `trsr train`"):
+    with pytest.raises(TrsrError, match=r"train/tallrec/result.json: not found; run `trsr train`"):
         score(experiment.for_variant("tallrec"))
     # K larger than the shortest history the protocol allows.
     deep = experiment.for_variant("tallrec")

@@ -155,7 +155,7 @@ class ValidateAdapter:
         scored = pa.concat_tables([stage(self.lists.slice(i, step)) for i in range(0, self.lists.num_rows, step)])
         scored = scored.sort_by([("list_id", "ascending"), ("candidate", "ascending")])
         metrics = ranking_metrics(scored.column("list_id"), scored.column("label"), scored.column("score"), seed=self.seed)
-        return {k: v for k, v in metrics.items() if k not in ("lists", "auc_excluded")}
+        return {k: v for k, v in metrics.items() if k != "auc_excluded"}
 
 
 def first_lists_by_user(lists: pa.Table, n: int | None) -> pa.Table:

@@ -60,8 +60,17 @@ class SummarizeConfig(Section):
     execution: Literal["per_step", "fused"] = "per_step"
     # Users per batch handed to a stage (all their prompts go to the engine together).
     users_per_batch: int = Field(32, ge=1)
-    # Summarize at most this many users (test first, then valid, then train); null = all.
-    max_users: int | None = Field(None, ge=1)
+    # Summarize at most this many users: a number (test first, then valid, then train),
+    # or a cap per split, e.g. {test: null, valid: 0, train: 64} (null = all of that
+    # split; a split left out = all). Users are taken in user-id order; null = all users.
+    max_users: int | dict[Literal["train", "valid", "test"], int | None] | None = None
+
+    @model_validator(mode="after")
+    def _check_max_users(self) -> "SummarizeConfig":
+        caps = self.max_users.values() if isinstance(self.max_users, dict) else [self.max_users]
+        if any(cap is not None and cap < (0 if isinstance(self.max_users, dict) else 1) for cap in caps):
+            raise ValueError(f"max_users must be positive (per split: >= 0), got {self.max_users}")
+        return self
 
     @model_validator(mode="after")
     def _fits(self) -> "SummarizeConfig":

@@ -63,8 +63,10 @@ def summary_dir(run_dir: str, mode: str) -> str:
     return storage.join(RunFolder(run_dir).stage_dir(STAGE), mode)
 
 
-def select_users(run: RunFolder, max_users: int | None) -> pa.Table:
-    """One row per user (user_id, split, history) from the positives of each split."""
+def select_users(run: RunFolder, max_users: int | dict | None) -> pa.Table:
+    """One row per user (user_id, split, history) from the positives of each split, in
+    split priority (test, valid, train) and user-id order, capped by `max_users` (a
+    total, or a cap per split)."""
     parts = []
     for split in SPLIT_PRIORITY:
         path = run.samples(split)
@@ -72,9 +74,12 @@ def select_users(run: RunFolder, max_users: int | None) -> pa.Table:
             raise TrsrError(f"{path}: not found; run `trsr data prepare` for {run.root} first")
         table = storage.read_parquet(path, columns=["user_id", "split", "history", "label"])
         table = table.filter(pc.equal(table.column("label"), 1)).drop_columns(["label"])
-        parts.append(table.sort_by("user_id"))
+        table = table.sort_by("user_id")
+        if isinstance(max_users, dict) and max_users.get(split) is not None:
+            table = table.slice(0, max_users[split])
+        parts.append(table)
     users = pa.concat_tables(parts)
-    if max_users is not None:
+    if isinstance(max_users, int):
         users = users.slice(0, max_users)
     return users
 
