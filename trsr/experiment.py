@@ -39,6 +39,8 @@ class ExperimentConfig(Section):
     baselines: BaselinesConfig = BaselinesConfig()
     # Recommender variants `trsr run` trains and scores; null = [score.prompt.variant].
     variants: list[Variant] | None = None
+    # `trsr run` also trains and scores baselines.models, for the same table.
+    with_baselines: bool = False
 
     @model_validator(mode="after")
     def _check_variants(self) -> "ExperimentConfig":

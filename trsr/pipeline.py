@@ -2,7 +2,7 @@
 
     prepare -> summarize -> for each variant: train (unless train.enabled is false)
                                               -> score (score.splits)
-            -> evaluate (every method under scores/, one table)
+            -> baselines (with_baselines: true) -> evaluate (this run's methods, one table)
 
 Each stage skips itself when its outputs are up to date for the same config and
 inputs (see trsr.runs), so a rerun after a change redoes only what the change touches.
@@ -54,6 +54,12 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
         if variant_experiment.train.enabled:
             _stage(f"train {method}", lambda: train(variant_experiment, force=force), describe_training, results)
         _stage(f"score {method}", lambda: score(variant_experiment, split=None, force=force), describe_scores, results)
+    if experiment.with_baselines:
+        from trsr.baselines.job import describe as describe_baselines
+        from trsr.baselines.job import run_baselines
+
+        done = _stage("baselines", lambda: run_baselines(experiment, force=force), describe_baselines, results)
+        methods.extend(done)  # {method: stats}
     # This run's methods (plus any named in evaluate.methods), not stale folders of
     # earlier configs.
     methods = list(dict.fromkeys((experiment.evaluate.methods or []) + methods))

@@ -143,3 +143,23 @@ def test_asking_for_gpus_the_cluster_lacks_fails_fast(prepared, tiny_model, ray_
     with pytest.raises(ConfigError, match=r"engine stage\(s\) x 1 actor\(s\)\) needs \d GPU\(s\) but the Ray cluster has 0"):
         summarize(config)
     assert time.perf_counter() - started < 30
+
+
+def test_max_users_per_split_caps_each_split_in_user_order(prepared):
+    from trsr.runs import RunFolder
+    from trsr.summarize.job import select_users
+
+    run = RunFolder(str(prepared / "run"))
+    everyone = select_users(run, None)
+    counts = {s: everyone.column("split").to_pylist().count(s) for s in ("test", "valid", "train")}
+    picked = select_users(run, {"test": None, "valid": 0, "train": 3})
+    splits = picked.column("split").to_pylist()
+    assert splits == ["test"] * counts["test"] + ["train"] * 3
+    train_users = sorted(u for u, s in zip(everyone.column("user_id").to_pylist(), everyone.column("split").to_pylist()) if s == "train")
+    assert picked.column("user_id").to_pylist()[-3:] == train_users[:3]
+    # A total cap takes test users first.
+    assert select_users(run, 2).column("split").to_pylist() == ["test", "test"]
+    from trsr.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_users must be positive"):
+        experiment(prepared / "x", prepared / "data", "summarize.max_users={train: -1}")

