@@ -237,3 +237,30 @@ def test_checkpoints_on_s3_match_the_resumed_local_run(resumed_run, tiny_model, 
 
     adapter = copy_adapter(result["best_checkpoint"], str(tmp_path / "adapter"))
     assert os.path.isfile(os.path.join(adapter, "adapter_model.safetensors"))
+
+
+def test_cpu_bf16_autocast_learns_the_toy_task_and_lora_top_layers_limits_the_adapter(tiny_model, ray_local, tmp_path):
+    import json as json_
+
+    from safetensors import safe_open
+
+    train, held_out = toy_examples(32, seed=0), toy_examples(20, seed=1)
+    config = small(
+        tiny_model, deepspeed=False, loss="answer", learning_rate=1e-2, per_device_batch_size=4,
+        gradient_accumulation=1, epochs=3, cpu_bf16=True, lora_top_layers=1,
+    )
+    result = train_lora(config, train, storage_path=str(tmp_path / "runs"))
+    losses = result["train_loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+    adapter = copy_adapter(result["best_checkpoint"], str(tmp_path / "adapter"))
+    assert held_out_auc(tiny_model, adapter, held_out) >= 0.9
+    # Only the top layer (index 1 of the tiny model's 2) carries LoRA weights.
+    with safe_open(os.path.join(adapter, "adapter_model.safetensors"), "pt") as handle:
+        layers = {key.split("layers.")[1].split(".")[0] for key in handle.keys()}
+    assert layers == {"1"}
+    assert json_.load(open(os.path.join(adapter, "adapter_config.json")))["layers_to_transform"] == [1]
+
+
+def test_cpu_bf16_with_deepspeed_or_gpu_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="cpu_bf16 applies to CPU training"):
+        small(tiny_model, cpu_bf16=True)  # deepspeed defaults to true

@@ -157,6 +157,10 @@ class TrainConfig(Section):
     cpus_per_worker: float = Field(1, gt=0)
     # DeepSpeed ZeRO-2 (bf16 on GPU, fp32 on CPU); false = plain torch AdamW (+ DDP).
     deepspeed: bool = True
+    # CPU, torch path: forward/backward under bfloat16 autocast (weights and optimizer
+    # stay fp32). 2.2-3x faster per step on CPUs with AVX512-BF16 or AMX (measured on
+    # this project's 2-core EPYC); losses agree with fp32 to about 3 digits.
+    cpu_bf16: bool = False
     gradient_checkpointing: bool = False
     seed: int = 0
     # Cap on optimizer steps over the whole run (demos and tests); null = no cap.
@@ -175,6 +179,8 @@ class TrainConfig(Section):
     def _check(self) -> "TrainConfig":
         if not self.target_modules:
             raise ValueError("target_modules is empty: LoRA needs at least one module")
+        if self.cpu_bf16 and (self.use_gpu or self.deepspeed):
+            raise ValueError("cpu_bf16 applies to CPU training with deepspeed: false (GPUs train in bf16 already)")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"run_name {self.run_name!r} must be a non-empty folder name")
         return self
@@ -190,7 +196,7 @@ class TrainConfig(Section):
             "model", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "lora_top_layers",
             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
             "per_device_batch_size", "gradient_accumulation", "max_length", "overlong",
-            "loss", "workers", "use_gpu", "deepspeed", "seed",
+            "loss", "workers", "use_gpu", "deepspeed", "cpu_bf16", "seed",
         )
         return fingerprint({key: getattr(self, key) for key in keys}, data_fingerprint)
 
@@ -585,7 +591,7 @@ def _train_loop(loop_config: dict) -> None:
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if config.use_gpu and not config.deepspeed
-        else torch.autocast("cpu", enabled=False)
+        else torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.cpu_bf16)
     )
     distributed = dist.is_available() and dist.is_initialized()
 
@@ -600,6 +606,7 @@ def _train_loop(loop_config: dict) -> None:
         f"{n} examples ({encoded.dropped} dropped as over-length), {world} worker(s), "
         f"{per_epoch} optimizer steps/epoch, effective batch {config.effective_batch_size}, "
         f"{'DeepSpeed ZeRO-2' if config.deepspeed else 'torch AdamW'}, loss={config.loss}, "
+        f"{'bf16 autocast, ' if config.cpu_bf16 else ''}"
         f"{torch.get_num_threads()} torch threads per worker",
     )
 
