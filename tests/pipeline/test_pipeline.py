@@ -74,6 +74,9 @@ def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
         trained = results[f"train {method}"]
         assert trained["examples"] == 2 * trained["lists"] == 24  # 1:1 training lists
         assert len(trained["history"]) == 1 and trained["history"][0]["valid"]["lists"] == 3
+        # A list's two texts trained as one row: their shared prompt prefix ran once.
+        epoch = trained["history"][0]
+        assert epoch["computed_tokens"] < 0.75 * epoch["tokens"], epoch
         assert storage.exists(storage.join(trained["best_adapter"], "adapter_config.json"))
         scores = storage.read_parquet(storage.join(run.root, "scores", method, "test.parquet"))
         assert scores.schema.equals(SCORES)

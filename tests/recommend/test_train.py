@@ -10,16 +10,17 @@ import random
 import pytest
 
 from trsr.errors import ConfigError
-from trsr.recommend.train import (
+from trsr.recommend.train import TrainConfig, copy_adapter, lr_factor, train_lora
+from trsr.recommend.train_data import (
     IGNORE_INDEX,
-    TrainConfig,
-    copy_adapter,
+    collate,
     encode_examples,
-    lr_factor,
+    epoch_batches,
     normalize_examples,
-    shard_batches,
+    pack_group,
     tokenize_example,
-    train_lora,
+    weighted_loss,
+    worker_batches,
 )
 
 NOUNS = ["apple", "car", "shirt", "lamp", "book", "chair", "phone", "hat", "cup", "desk"]
@@ -111,19 +112,86 @@ def test_overlong_texts_fail_or_are_dropped(tiny_model):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     examples = normalize_examples([("short prompt:", " Yes"), ("word " * 80 + "Answer:", " No")])
     with pytest.raises(ConfigError, match="longer than max_length"):
-        encode_examples(tokenizer, examples, TrainConfig(model=tiny_model, max_length=32))
-    kept = encode_examples(tokenizer, examples, TrainConfig(model=tiny_model, max_length=32, overlong="drop"))
-    assert len(kept.ids) == 1 and kept.dropped == 1
+        encode_examples(tokenizer, examples, loss="full", max_length=32)
+    kept = encode_examples(tokenizer, examples, loss="full", max_length=32, overlong="drop")
+    assert kept.texts == len(kept.rows) == 1 and kept.dropped == 1
 
 
 def test_epochs_shuffle_with_the_seed_and_split_evenly_across_workers():
-    shards = [shard_batches(11, seed=3, epoch=1, rank=r, world=2, batch=2) for r in range(2)]
+    sizes = [1] * 11
+    shards = [worker_batches(sizes, seed=3, epoch=1, rank=r, world=2, batch=2) for r in range(2)]
     flat = [[i for b in shard for i in b] for shard in shards]
-    assert len(flat[0]) == len(flat[1]) == 5 and not set(flat[0]) & set(flat[1])
-    assert shard_batches(11, 3, 1, 0, 2, 2) == shards[0]  # seeded
-    assert shard_batches(11, 3, 2, 0, 2, 2) != shards[0]  # reshuffled per epoch
+    assert len(shards[0]) == len(shards[1]) == 3 and not set(flat[0]) & set(flat[1])
+    assert worker_batches(sizes, 3, 1, 0, 2, 2) == shards[0]  # seeded
+    assert worker_batches(sizes, 3, 2, 0, 2, 2) != shards[0]  # reshuffled per epoch
+    # Groups (rows of several texts) are never split; a batch holds at most `batch` texts
+    # unless one group alone is larger.
+    grouped = [2, 3, 2, 5, 1, 2, 2]
+    batches = epoch_batches(grouped, seed=0, epoch=1, batch=4)
+    assert sorted(i for b in batches for i in b) == list(range(7))
+    assert all(sum(grouped[i] for i in b) <= 4 or len(b) == 1 for b in batches)
     linear = TrainConfig(model="x", warmup_steps=2, lr_schedule="linear")
     assert [round(lr_factor(s, 6, linear), 3) for s in range(6)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+
+
+def test_pack_group_shares_the_common_prefix_with_counted_predictions():
+    # Two texts with 3 common tokens, answers from token 3 on.
+    texts = [([1, 2, 3, 4, 5], 3), ([1, 2, 3, 6], 3)]
+    row = pack_group(texts, loss="answer")
+    # Prefix: the common tokens but the last (its prediction of token 3 is common too).
+    assert row.ids.tolist() == [1, 2, 3, 4, 5, 3, 6]
+    assert row.positions.tolist() == [0, 1, 2, 3, 4, 2, 3]
+    assert row.segments.tolist() == [0, 0, 1, 1, 1, 2, 2]
+    learned = [(int(t), float(w)) for t, w in zip(row.targets, row.weights) if w]
+    assert learned == [(4, 1.0), (5, 1.0), (6, 1.0)]  # each answer token once
+    full = pack_group(texts, loss="full")
+    # Full loss: the prefix predictions (tokens 2 and 3) count once per text.
+    assert full.weights.tolist() == [2, 2, 1, 1, 0, 1, 0]
+    assert full.targets.tolist()[:4] == [2, 3, 4, 5]
+    assert row.text_tokens == 9 and row.texts == 2
+    alone = pack_group([([7, 8, 9], 1)], loss="answer", share=False)
+    assert alone.ids.tolist() == [7, 8, 9] and alone.weights.tolist() == [1, 1, 0]
+
+
+@pytest.mark.parametrize("loss", ["answer", "full"])
+def test_prefix_shared_rows_give_the_loss_and_gradients_of_separate_texts(tiny_model, loss):
+    """One forward/backward pass per group (shared prefix, 4D mask) = the separate texts."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(5)
+    examples, groups = [], []
+    for user in range(3):
+        history = " ".join(rng.choice(NOUNS) for _ in range(4 + 3 * user))
+        for candidate in range(2 + user):  # groups of 2, 3 and 4 texts
+            prompt = f"history: {history}\ncandidate: {rng.choice(NOUNS)} {candidate}\nAnswer:"
+            examples.append((prompt + (" Yes" if candidate == 0 else " No"), len(prompt)))
+            groups.append(f"u{user}")
+    shared = encode_examples(tokenizer, examples, loss=loss, max_length=64, groups=groups)
+    separate = encode_examples(tokenizer, examples, loss=loss, max_length=64)
+    assert len(shared.rows) == 3 and len(separate.rows) == 9 and shared.texts == separate.texts == 9
+    assert shared.text_tokens == separate.text_tokens and shared.row_tokens < 0.7 * separate.row_tokens
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    def loss_and_grads(encoded):
+        model.zero_grad()
+        batch = collate(encoded.rows, tokenizer.pad_token_id or 0, "cpu", mask_dtype=torch.float32)
+        value = weighted_loss(model(**batch["inputs"]).logits, batch["targets"], batch["weights"])
+        value.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return float(value.detach()), grads, batch["tokens"]
+
+    loss_shared, grads_shared, computed = loss_and_grads(shared)
+    loss_separate, grads_separate, _ = loss_and_grads(separate)
+    assert computed == shared.row_tokens
+    assert loss_shared == pytest.approx(loss_separate, rel=1e-5)
+    for name, grad in grads_separate.items():
+        torch.testing.assert_close(grads_shared[name], grad, rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------ Ray Train runs

@@ -28,6 +28,7 @@ from trsr.llm.engine import (
     trim_at_stop,
 )
 from trsr.llm.models import resolve
+from trsr.llm.packing import additive_mask, prefix_sharing_exact, segment_allowed
 
 
 def torch_dtype(name: str, on_gpu: bool):
@@ -232,12 +233,7 @@ class HFEngine(Engine):
 
     def _can_pack(self, longest: int) -> bool:
         """Whether the packed path is exact: a custom 4D mask is honoured as given."""
-        config = self.model.config
-        if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
-            return False
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        window = getattr(text, "sliding_window", None)
-        return not (isinstance(window, int) and window > 0 and longest > window)
+        return prefix_sharing_exact(self.model.config, longest)
 
     def _score_packed(self, prefix_len: int, past, batch: list[list[int]]):
         """Next-token log-probabilities (rows x vocab), all suffixes packed in one row."""
@@ -246,18 +242,14 @@ class HFEngine(Engine):
         import torch
 
         lengths = [len(ids) for ids in batch]
-        total = sum(lengths)
         ids = torch.tensor([[token for suffix in batch for token in suffix]], dtype=torch.long)
         positions = torch.cat([torch.arange(n) for n in lengths]) + prefix_len
-        # allowed[q, k]: query q (a suffix token) sees the whole prefix, and the earlier
-        # tokens of its own suffix.
-        owner = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(lengths))
-        within = torch.cat([torch.arange(n) for n in lengths])
-        same = owner[:, None] == owner[None, :]
-        causal = within[None, :] <= within[:, None]
-        allowed = torch.cat([torch.ones(total, prefix_len, dtype=torch.bool), same & causal], dim=1)
-        dtype = self._compute_dtype()
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+        # Segment 0: the cached prefix, segment i: suffix i (trsr.llm.packing); the mask's
+        # rows are the suffix tokens: each sees the whole prefix and its own earlier tokens.
+        owner = torch.repeat_interleave(torch.arange(1, len(batch) + 1), torch.tensor(lengths))
+        segments = torch.cat([torch.zeros(prefix_len, dtype=torch.long), owner])
+        allowed = segment_allowed(segments)[prefix_len:]
+        mask = additive_mask(allowed, self._compute_dtype())
         ends = torch.tensor(lengths).cumsum(0) - 1  # each suffix's last token in the row
         kwargs = {}
         if past is not None:

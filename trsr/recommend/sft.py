@@ -248,7 +248,9 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
 
     lora = lora.model_copy(update={"seed": experiment.seed + lora.seed})
     examples = list(zip(texts.column("text").to_pylist(), texts.column("answer_start").to_pylist()))
-    summary = train_lora(lora, examples, valid_fn, storage_path=folder, resume=not force)
+    # Grouped by list: the candidates of a list share the user part of the prompt.
+    groups = texts.column("list_id").to_pylist()
+    summary = train_lora(lora, examples, valid_fn, storage_path=folder, resume=not force, groups=groups)
     result = {
         "method": method,
         "variant": score_config.prompt.variant,

@@ -7,37 +7,24 @@ prompt, and DeepSpeed ZeRO stage 2. `train_lora` runs exactly that as a Ray Trai
 
 Input: training examples (one per (user, candidate) pair)
 ---------------------------------------------------------
-Every example is a complete training text (the prompt followed by its answer) plus
-where the answer starts, in one of these unambiguous forms:
-
-- `(text: str, answer_start: int)`: `text[answer_start:]` is the answer, i.e. the answer
-  word and whatever closes the turn after it (e.g. "Yes<|im_end|>\\n");
-- `(prompt: str, completion: str)`: the same as `(prompt + completion, len(prompt))`;
-  for the prompt builder: `(prefix + suffix, answer + end_of_turn)`;
-- dicts with the keys `text` + `answer_start`, or `prompt` + `completion`;
-- a Parquet file (local or s3://) with the columns `text` + `answer_start`, or
-  `prompt` + `completion`.
-
-A text is tokenized whole, exactly as the engines tokenize a prompt
-(`trsr.llm.engine.Engine.encode`: with the tokenizer's special tokens, unless the text
-already starts with the BOS token) and nothing is appended. With `loss: answer` the
-labels are the tokens that overlap `text[answer_start:]` (a token that straddles the
-boundary, such as " Yes" after "Answer:", counts as answer); with `loss: full` (the
-paper) every token is a label. Texts longer than `max_length` tokens are an error (or
-dropped, `overlong: drop`): truncation would cut the candidate or the answer, so the
-prompt builder shortens the summary or history instead.
+Complete training texts (prompt + answer) with where the answer starts, optionally
+grouped by ranking list; the accepted forms, tokenization, prefix sharing within a
+group and the seeded batching are described in `trsr.recommend.train_data`. Texts
+longer than `max_length` tokens are an error (or dropped, `overlong: drop`): truncation
+would cut the candidate or the answer, so the prompt builder shortens the summary or
+history instead.
 
 Training
 --------
-Each epoch shuffles the examples with a generator seeded by (seed, epoch) and deals
-them to the workers (the tail that does not divide evenly is left out of that epoch,
-so every worker runs the same number of steps). Micro-batches of
-`per_device_batch_size` are padded on the right; `gradient_accumulation` micro-batches
-make one optimizer step (effective batch = workers x per_device_batch_size x
+Each epoch deals seeded, shuffled micro-batches of at most `per_device_batch_size` texts
+to the workers (a group stays whole); `gradient_accumulation` micro-batches make one
+optimizer step (effective batch = workers x per_device_batch_size x
 gradient_accumulation); the last window of an epoch may be shorter and is averaged over
-its own size. The loss of a micro-batch is the mean over its label tokens (TRL's SFT
-loss at the time of the paper). The learning rate follows `lr_schedule` (linear decay
-to 0 as in transformers/TRL by default, after `warmup_steps`).
+its own size. The loss of a micro-batch is the mean over its learned tokens (TRL's SFT
+loss at the time of the paper); with `share_prefix` a group's shared prompt prefix goes
+through the model once, with the same loss and gradient. The learning rate follows
+`lr_schedule` (linear decay to 0 as in transformers/TRL by default, after
+`warmup_steps`).
 
 `deepspeed: true` builds a DeepSpeed ZeRO-2 engine (bf16 on GPU, fp32 on CPU, DeepSpeed's
 config-built AdamW with `torch_adam` so no op is compiled); `false` uses plain torch
@@ -76,17 +63,14 @@ workers wait at the report). Its metrics go to the history; `valid_metric` /
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import posixpath
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Literal, Sequence, Union
+from typing import Any, Callable, Literal, Sequence
 
 from pydantic import Field, model_validator
 
@@ -94,13 +78,28 @@ from trsr import storage
 from trsr.config import Section, fingerprint
 from trsr.errors import ConfigError, InputFileError, TrsrError
 from trsr.llm.models import DEFAULT_LLM
+from trsr.llm.packing import within_sliding_window
+from trsr.recommend.train_data import (  # noqa: F401  (the example helpers are part of this API)
+    IGNORE_INDEX,
+    EncodedExamples,
+    Example,
+    collate,
+    data_fingerprint,
+    encode_examples,
+    epoch_batches,
+    epoch_steps,
+    normalize_examples,
+    read_examples,
+    tokenize_example,
+    weighted_loss,
+    worker_batches,
+)
 
 STATE_FILE = "trainer_state.json"
 ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
-IGNORE_INDEX = -100
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,6 @@ _WORKER_ENV = (
 )
 
 ValidFn = Callable[[str, int], dict]
-Example = Union[tuple[str, int], tuple[str, str], dict]
 
 
 class TrainConfig(Section):
@@ -151,6 +149,9 @@ class TrainConfig(Section):
     overlong: Literal["error", "drop"] = "error"
     # "full": next-token loss over the whole text (paper); "answer": the answer tokens only.
     loss: Literal["full", "answer"] = "full"
+    # Grouped examples (the candidates of one list): run the shared prompt prefix through
+    # the model once per group (same loss and gradient as separate texts, less work).
+    share_prefix: bool = True
     # Ray Train workers (data parallel), and what each one reserves.
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -196,182 +197,16 @@ class TrainConfig(Section):
             "model", "lora_rank", "lora_alpha", "lora_dropout", "target_modules", "lora_top_layers",
             "learning_rate", "lr_schedule", "warmup_steps", "weight_decay", "max_grad_norm",
             "per_device_batch_size", "gradient_accumulation", "max_length", "overlong",
-            "loss", "workers", "use_gpu", "deepspeed", "cpu_bf16", "seed",
+            "loss", "share_prefix", "workers", "use_gpu", "deepspeed", "cpu_bf16", "seed",
         )
         return fingerprint({key: getattr(self, key) for key in keys}, data_fingerprint)
 
 
-# ---------------------------------------------------------------------------- examples
-
-
-def normalize_examples(data: Sequence[Example]) -> list[tuple[str, int]]:
-    """(text, answer_start) for each example in any accepted form (see module doc)."""
-    out = []
-    for index, item in enumerate(data):
-        if isinstance(item, dict):
-            if "text" in item and "answer_start" in item:
-                item = (item["text"], item["answer_start"])
-            elif "prompt" in item and "completion" in item:
-                item = (item["prompt"], item["completion"])
-            else:
-                raise ValueError(
-                    f"example {index}: a dict needs the keys text + answer_start or "
-                    f"prompt + completion, got {sorted(item)}"
-                )
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError(
-                f"example {index}: expected (text, answer_start) or (prompt, completion), got {item!r:.80}"
-            )
-        first, second = item
-        if not isinstance(first, str):
-            raise ValueError(f"example {index}: the text/prompt must be a string, got {type(first).__name__}")
-        if isinstance(second, str):
-            text, start = first + second, len(first)
-            if not second:
-                raise ValueError(f"example {index}: the completion is empty")
-        elif isinstance(second, int) and not isinstance(second, bool):
-            text, start = first, int(second)
-        else:
-            import numbers
-
-            if isinstance(second, numbers.Integral):
-                text, start = first, int(second)
-            else:
-                raise ValueError(
-                    f"example {index}: the second element must be answer_start (int) or the "
-                    f"completion (str), got {type(second).__name__}"
-                )
-        if not 0 <= start < len(text):
-            raise ValueError(
-                f"example {index}: answer_start={start} is outside the text (length {len(text)}); "
-                "the answer text[answer_start:] must be non-empty"
-            )
-        out.append((text, start))
-    return out
-
-
-def read_examples(path: str) -> list[tuple[str, int]]:
-    """Examples from a Parquet file with text + answer_start or prompt + completion."""
-    if not storage.exists(path):
-        raise InputFileError(f"{path}: training examples not found")
-    table = storage.read_parquet(path)
-    columns = set(table.column_names)
-    if {"text", "answer_start"} <= columns:
-        rows = zip(table.column("text").to_pylist(), table.column("answer_start").to_pylist())
-    elif {"prompt", "completion"} <= columns:
-        rows = zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist())
-    else:
-        raise InputFileError(
-            f"{path}: expected the columns text + answer_start or prompt + completion, "
-            f"found {sorted(columns)}"
-        )
-    try:
-        return normalize_examples(list(rows))
-    except ValueError as error:
-        raise InputFileError(f"{path}: {error}") from None
-
-
-def data_fingerprint(examples: Sequence[tuple[str, int]]) -> str:
-    digest = hashlib.sha256()
-    for text, start in examples:
-        digest.update(f"{len(text)}:{start}:".encode())
-        digest.update(text.encode())
-    return digest.hexdigest()[:16]
-
-
-def _encode_with_offsets(tokenizer, text: str):
-    bos = tokenizer.bos_token
-    special = not (bos and text.startswith(bos))
-    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
-    return list(encoded["input_ids"]), list(encoded["offset_mapping"])
-
-
-def label_start(tokenizer, text: str, answer_start: int) -> tuple[list[int], int]:
-    """(token ids of text, index of the first token that overlaps text[answer_start:])."""
-    ids, offsets = _encode_with_offsets(tokenizer, text)
-    for index, (_, end) in enumerate(offsets):
-        if end > answer_start:
-            return ids, index
-    return ids, len(ids)
-
-
-def tokenize_example(tokenizer, text: str, answer_start: int, loss: str = "full") -> dict[str, list[int]]:
-    """input_ids and labels (IGNORE_INDEX = not learned) of one training text.
-
-    labels are aligned with input_ids (the model shifts them): with loss "full" they
-    are the input ids; with "answer" the tokens before the answer are masked."""
-    ids, start = label_start(tokenizer, text, answer_start)
-    return {"input_ids": ids, "labels": _labels(ids, start, loss)}
-
-
-def _labels(ids: Sequence[int], start: int, loss: str) -> list[int]:
-    if loss == "full":
-        return [int(i) for i in ids]
-    if loss == "answer":
-        return [IGNORE_INDEX] * start + [int(i) for i in ids[start:]]
-    raise ValueError(f"loss {loss!r}: expected full or answer")
-
-
-@dataclass
-class EncodedExamples:
-    ids: list  # one int32 numpy array per kept example
-    starts: list[int]  # first answer token per kept example
-    dropped: int  # examples over max_length left out (overlong: drop)
-    tokens: int  # tokens in the kept examples
-
-
-def encode_examples(tokenizer, examples: Sequence[tuple[str, int]], config: TrainConfig) -> EncodedExamples:
-    """Tokenize every example once (on the driver), checking lengths and answers."""
-    import numpy as np
-
-    ids_out, starts, dropped, tokens, longest = [], [], 0, 0, 0
-    for index, (text, answer_start) in enumerate(examples):
-        ids, start = label_start(tokenizer, text, answer_start)
-        if start >= len(ids):
-            raise ConfigError(f"example {index}: no token overlaps the answer text[{answer_start}:]")
-        if config.loss == "answer" and start == 0:
-            raise ConfigError(
-                f"example {index}: the answer starts at the first token, so nothing predicts it; "
-                "the text must hold a prompt before the answer"
-            )
-        if len(ids) > config.max_length:
-            longest = max(longest, len(ids))
-            dropped += 1
-            continue
-        ids_out.append(np.asarray(ids, dtype=np.int32))
-        starts.append(start)
-        tokens += len(ids)
-    if dropped and config.overlong == "error":
-        raise ConfigError(
-            f"{dropped} of {len(examples)} training texts are longer than max_length="
-            f"{config.max_length} tokens (longest {longest}); shorten the prompts (summary or "
-            "history, never the candidate or the answer), raise train.max_length, or set "
-            "train.overlong=drop"
-        )
-    if not ids_out:
-        raise ConfigError(f"no training example fits max_length={config.max_length} tokens")
-    return EncodedExamples(ids_out, starts, dropped, tokens)
-
-
-def epoch_order(n: int, seed: int, epoch: int):
-    """The seeded shuffle of epoch `epoch` (1-based): the same on every worker and run."""
-    import numpy as np
-
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def shard_batches(n: int, seed: int, epoch: int, rank: int, world: int, batch: int) -> list[list[int]]:
-    """This worker's micro-batches (example indices) of one epoch; every worker gets
-    the same number of examples (the shuffle's tail that does not divide is skipped)."""
-    order = epoch_order(n, seed, epoch)
-    per_rank = n // world
-    mine = order[rank::world][:per_rank]
-    return [[int(i) for i in mine[s : s + batch]] for s in range(0, per_rank, batch)]
-
-
-def steps_per_epoch(n: int, config: TrainConfig) -> int:
-    micro = math.ceil((n // config.workers) / config.per_device_batch_size)
-    return math.ceil(micro / config.gradient_accumulation)
+def steps_per_epoch(encoded: EncodedExamples, config: TrainConfig, epoch: int) -> int:
+    return epoch_steps(
+        [row.texts for row in encoded.rows], config.seed, epoch, config.workers,
+        config.per_device_batch_size, config.gradient_accumulation,
+    )
 
 
 def lr_factor(step: int, total: int, config: TrainConfig) -> float:
@@ -387,26 +222,6 @@ def lr_factor(step: int, total: int, config: TrainConfig) -> float:
 
 
 # ------------------------------------------------------------------------ train loop
-
-
-def _collate(encoded: EncodedExamples, indices: list[int], loss: str, pad_id: int, device):
-    import torch
-
-    length = max(len(encoded.ids[i]) for i in indices)
-    input_ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(indices), length), dtype=torch.long)
-    for row, i in enumerate(indices):
-        ids = torch.from_numpy(encoded.ids[i].astype("int64"))  # a writable copy
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
-        start = 0 if loss == "full" else encoded.starts[i]
-        labels[row, start : len(ids)] = ids[start:]
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": mask.to(device),
-        "labels": labels.to(device),
-    }
 
 
 def _log(rank: int, message: str) -> None:
@@ -473,7 +288,8 @@ def _train_loop(loop_config: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     dtype = torch.bfloat16 if config.use_gpu else torch.float32
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    # SDPA honours the 4D masks of prefix-shared rows (trsr.llm.packing).
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
     base.config.use_cache = False
     if config.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -524,9 +340,9 @@ def _train_loop(loop_config: dict) -> None:
             shutil.rmtree(restore_dir, ignore_errors=True)
         return
 
-    n = len(encoded.ids)
-    per_epoch = steps_per_epoch(n, config)
-    total_steps = per_epoch * config.epochs
+    sizes = [row.texts for row in encoded.rows]
+    per_epoch = steps_per_epoch(encoded, config, 1)
+    total_steps = sum(steps_per_epoch(encoded, config, e) for e in range(1, config.epochs + 1))
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
 
@@ -603,7 +419,9 @@ def _train_loop(loop_config: dict) -> None:
 
     _log(
         rank,
-        f"{n} examples ({encoded.dropped} dropped as over-length), {world} worker(s), "
+        f"{encoded.texts} examples in {len(encoded.rows)} rows ({encoded.dropped} dropped as "
+        f"over-length; {encoded.row_tokens} tokens to compute per epoch for {encoded.text_tokens} "
+        f"text tokens), {world} worker(s), "
         f"{per_epoch} optimizer steps/epoch, effective batch {config.effective_batch_size}, "
         f"{'DeepSpeed ZeRO-2' if config.deepspeed else 'torch AdamW'}, loss={config.loss}, "
         f"{'bf16 autocast, ' if config.cpu_bf16 else ''}"
@@ -614,30 +432,35 @@ def _train_loop(loop_config: dict) -> None:
     for epoch in range(start_epoch, config.epochs + 1):
         forward.train()
         torch.manual_seed(config.seed * 1_000_003 + epoch * 1009 + rank)  # dropout
-        batches = shard_batches(n, config.seed, epoch, rank, world, config.per_device_batch_size)
+        batches = worker_batches(sizes, config.seed, epoch, rank, world, config.per_device_batch_size)
         windows = [batches[i : i + config.gradient_accumulation] for i in range(0, len(batches), config.gradient_accumulation)]
-        loss_sum, micro_count, tokens, partial = 0.0, 0, 0, False
+        # tokens: of the texts, each counted whole; computed: what the model ran.
+        loss_sum, micro_count, tokens, computed, partial = 0.0, 0, 0, 0, False
         started = time.perf_counter()
         window_tokens, window_started = 0, time.perf_counter()
         for window in windows:
             size = len(window)
             for position, indices in enumerate(window):
                 boundary = position == size - 1
-                batch = _collate(encoded, indices, config.loss, pad_id, device)
+                rows = [encoded.rows[i] for i in indices]
+                batch = collate(rows, pad_id, device, mask_dtype=dtype)
                 if config.deepspeed:
                     engine.set_gradient_accumulation_boundary(boundary)
-                    loss = engine(**batch).loss
+                    logits = engine(**batch["inputs"]).logits
+                    loss = weighted_loss(logits, batch["targets"], batch["weights"])
                     engine.backward(loss / size, scale_wrt_gas=False)
                     engine.step()
                 else:
                     sync = boundary or world == 1 or not hasattr(forward, "no_sync")
                     with (torch.enable_grad() if sync else forward.no_sync()), autocast:
-                        loss = forward(**batch).loss
+                        logits = forward(**batch["inputs"]).logits
+                        loss = weighted_loss(logits, batch["targets"], batch["weights"])
                         (loss / size).backward()
                 loss_sum += float(loss.detach())
                 micro_count += 1
-                used = int(batch["attention_mask"].sum())
+                used = sum(row.text_tokens for row in rows)
                 tokens += used
+                computed += batch["tokens"]
                 window_tokens += used
             if not config.deepspeed:
                 if config.max_grad_norm:
@@ -659,7 +482,7 @@ def _train_loop(loop_config: dict) -> None:
                 partial = window is not windows[-1]
                 break
         seconds = time.perf_counter() - started
-        loss_total, count_total, tokens_total = all_sum([loss_sum, micro_count, tokens])
+        loss_total, count_total, tokens_total, computed_total = all_sum([loss_sum, micro_count, tokens, computed])
         seconds = max(all_sum([seconds])[0] / world, 1e-9)
         record = {
             "epoch": epoch,
@@ -668,6 +491,7 @@ def _train_loop(loop_config: dict) -> None:
             "tokens": int(tokens_total),
             "seconds": seconds,
             "tokens_per_s": tokens_total / seconds,
+            "computed_tokens": int(computed_total),
             "partial": partial,
             "workers": world,
             "torch_threads": torch.get_num_threads(),
@@ -708,7 +532,7 @@ def _train_loop(loop_config: dict) -> None:
                         "fingerprint": run_fingerprint,
                         "config": config.model_dump(mode="json"),
                         "history": history,
-                        "examples": n,
+                        "examples": encoded.texts,
                         "dropped_overlong": encoded.dropped,
                     },
                     handle,
@@ -806,10 +630,13 @@ def train_lora(
     *,
     storage_path: str,
     resume: bool = True,
+    groups: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune a LoRA adapter with Ray Train; returns the run's summary.
 
-    `train_texts`: examples (see module doc) or a Parquet path. `valid_fn(adapter_dir,
+    `train_texts`: examples (see module doc) or a Parquet path (whose optional `group`
+    column gives the groups). `groups`: a group key per example (the ranking list), for
+    prefix sharing (`config.share_prefix`). `valid_fn(adapter_dir,
     epoch) -> metrics` runs after each epoch. Checkpoints go to
     `<storage_path>/<run_name>/epoch-NNN/` (local or s3://). The summary holds
     `history` (per epoch: train_loss, step, tokens, tokens_per_s, valid metrics,
@@ -820,24 +647,37 @@ def train_lora(
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from trsr.llm.models import resolve
     from trsr.ray_utils import init_ray, require_resources
 
     if config.valid_metric and valid_fn is None:
         raise ConfigError(f"train.valid_metric={config.valid_metric!r} is set but no valid_fn was given")
-    examples = read_examples(train_texts) if isinstance(train_texts, str) else normalize_examples(train_texts)
+    if isinstance(train_texts, str):
+        examples, stored_groups = read_examples(train_texts)
+        groups = groups if groups is not None else stored_groups
+    else:
+        examples = normalize_examples(train_texts)
     if not examples:
         raise ConfigError("no training examples")
-    tokenizer = AutoTokenizer.from_pretrained(resolve(config.model))
-    encoded = encode_examples(tokenizer, examples, config)
-    if len(encoded.ids) < config.workers * config.per_device_batch_size:
+    folder_of_model = resolve(config.model)
+    tokenizer = AutoTokenizer.from_pretrained(folder_of_model)
+    share = config.share_prefix and groups is not None
+    if share and within_sliding_window(AutoConfig.from_pretrained(folder_of_model), config.max_length):
+        log.warning("train.share_prefix: the model's sliding window is shorter than max_length; texts train separately")
+        share = False
+    encoded = encode_examples(
+        tokenizer, examples, loss=config.loss, max_length=config.max_length, overlong=config.overlong,
+        groups=groups, share_prefix=share,
+    )
+    micro_batches = len(epoch_batches([row.texts for row in encoded.rows], config.seed, 1, config.per_device_batch_size))
+    if micro_batches < config.workers:
         raise ConfigError(
-            f"{len(encoded.ids)} training examples cannot fill one micro-batch of "
-            f"{config.per_device_batch_size} on each of {config.workers} workers"
+            f"{encoded.texts} training examples make {micro_batches} micro-batch(es) of up to "
+            f"{config.per_device_batch_size}: too few for {config.workers} workers"
         )
-    run_fingerprint = config.resume_fingerprint(data_fingerprint(examples))
+    run_fingerprint = config.resume_fingerprint(data_fingerprint(examples, groups if share else None))
 
     folder = run_dir(storage_path, config)
     fs = storage.fsspec_filesystem(folder)

@@ -1,0 +1,386 @@
+"""Training examples -> tokenized training rows -> seeded micro-batches (for train.py).
+
+Examples
+--------
+Every example is a complete training text (the prompt followed by its answer) plus
+where the answer starts, in one of these unambiguous forms:
+
+- `(text: str, answer_start: int)`: `text[answer_start:]` is the answer, i.e. the answer
+  word and whatever closes the turn after it (e.g. "Yes<|im_end|>\\n");
+- `(prompt: str, completion: str)`: the same as `(prompt + completion, len(prompt))`;
+- dicts with the keys `text` + `answer_start`, or `prompt` + `completion`;
+- a Parquet file (local or s3://) with the columns `text` + `answer_start`, or
+  `prompt` + `completion`, and optionally `group`.
+
+A text is tokenized whole, exactly as the engines tokenize a prompt (with the
+tokenizer's special tokens, unless the text already starts with the BOS token) and
+nothing is appended. With loss "answer" the learned tokens are those that overlap
+`text[answer_start:]` (a token that straddles the boundary, such as " Yes" after
+"Answer:", counts as answer); with loss "full" (the paper) every token is learned.
+
+Groups and prefix sharing
+-------------------------
+Examples may carry a group key: the candidates of one ranking list, whose texts share
+the user part of the prompt. With prefix sharing, a group becomes ONE training row: the
+tokens its texts have in common, then each text's remaining tokens, with a mask that
+lets each continuation see the prefix and itself only (`trsr.llm.packing`). Each
+prediction carries a weight, the number of texts that learn it (a prefix prediction
+counts once per text), so the loss, mean over the learned tokens of the micro-batch,
+and its gradient equal those of the separate texts; only the work shrinks. Without
+groups (or sharing) each text is its own row.
+
+Batching
+--------
+Each epoch shuffles the rows (groups) with a generator seeded by (seed, epoch) and cuts
+the order into micro-batches of at most `batch` texts (a group is never split; a group
+larger than the batch is a micro-batch of its own). Every worker computes the same
+micro-batches and takes every world-th one; the tail that does not divide evenly is
+left out of that epoch, so every worker runs the same number of steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+from trsr import storage
+from trsr.errors import ConfigError, InputFileError
+
+IGNORE_INDEX = -100
+Example = Union[tuple[str, int], tuple[str, str], dict]
+
+
+# ---------------------------------------------------------------------------- examples
+
+
+def normalize_examples(data: Sequence[Example]) -> list[tuple[str, int]]:
+    """(text, answer_start) for each example in any accepted form (see module doc)."""
+    out = []
+    for index, item in enumerate(data):
+        if isinstance(item, dict):
+            if "text" in item and "answer_start" in item:
+                item = (item["text"], item["answer_start"])
+            elif "prompt" in item and "completion" in item:
+                item = (item["prompt"], item["completion"])
+            else:
+                raise ValueError(
+                    f"example {index}: a dict needs the keys text + answer_start or "
+                    f"prompt + completion, got {sorted(item)}"
+                )
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(
+                f"example {index}: expected (text, answer_start) or (prompt, completion), got {item!r:.80}"
+            )
+        first, second = item
+        if not isinstance(first, str):
+            raise ValueError(f"example {index}: the text/prompt must be a string, got {type(first).__name__}")
+        if isinstance(second, str):
+            text, start = first + second, len(first)
+            if not second:
+                raise ValueError(f"example {index}: the completion is empty")
+        elif isinstance(second, numbers.Integral) and not isinstance(second, bool):
+            text, start = first, int(second)
+        else:
+            raise ValueError(
+                f"example {index}: the second element must be answer_start (int) or the "
+                f"completion (str), got {type(second).__name__}"
+            )
+        if not 0 <= start < len(text):
+            raise ValueError(
+                f"example {index}: answer_start={start} is outside the text (length {len(text)}); "
+                "the answer text[answer_start:] must be non-empty"
+            )
+        out.append((text, start))
+    return out
+
+
+def read_examples(path: str) -> tuple[list[tuple[str, int]], list[str] | None]:
+    """Examples (and their groups, from an optional `group` column) from a Parquet file
+    with text + answer_start or prompt + completion."""
+    if not storage.exists(path):
+        raise InputFileError(f"{path}: training examples not found")
+    table = storage.read_parquet(path)
+    columns = set(table.column_names)
+    if {"text", "answer_start"} <= columns:
+        rows = zip(table.column("text").to_pylist(), table.column("answer_start").to_pylist())
+    elif {"prompt", "completion"} <= columns:
+        rows = zip(table.column("prompt").to_pylist(), table.column("completion").to_pylist())
+    else:
+        raise InputFileError(
+            f"{path}: expected the columns text + answer_start or prompt + completion, "
+            f"found {sorted(columns)}"
+        )
+    try:
+        examples = normalize_examples(list(rows))
+    except ValueError as error:
+        raise InputFileError(f"{path}: {error}") from None
+    groups = None
+    if "group" in columns:
+        groups = [str(g) for g in table.column("group").to_pylist()]
+    return examples, groups
+
+
+def data_fingerprint(examples: Sequence[tuple[str, int]], groups: Sequence[str] | None = None) -> str:
+    digest = hashlib.sha256()
+    for text, start in examples:
+        digest.update(f"{len(text)}:{start}:".encode())
+        digest.update(text.encode())
+    if groups is not None:
+        digest.update("\x00groups\x00".join(groups).encode())
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------ tokenizing
+
+
+def _encode_with_offsets(tokenizer, text: str):
+    bos = tokenizer.bos_token
+    special = not (bos and text.startswith(bos))
+    encoded = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), list(encoded["offset_mapping"])
+
+
+def label_start(tokenizer, text: str, answer_start: int) -> tuple[list[int], int]:
+    """(token ids of text, index of the first token that overlaps text[answer_start:])."""
+    ids, offsets = _encode_with_offsets(tokenizer, text)
+    for index, (_, end) in enumerate(offsets):
+        if end > answer_start:
+            return ids, index
+    return ids, len(ids)
+
+
+def tokenize_example(tokenizer, text: str, answer_start: int, loss: str = "full") -> dict[str, list[int]]:
+    """input_ids and labels (IGNORE_INDEX = not learned) of one training text.
+
+    labels are aligned with input_ids (a causal LM shifts them): with loss "full" they
+    are the input ids; with "answer" the tokens before the answer are masked."""
+    if loss not in ("full", "answer"):
+        raise ValueError(f"loss {loss!r}: expected full or answer")
+    ids, start = label_start(tokenizer, text, answer_start)
+    first = 0 if loss == "full" else start
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] * first + [int(i) for i in ids[first:]]}
+
+
+# ---------------------------------------------------------------------- training rows
+
+
+@dataclass
+class TrainingRow:
+    """One row of a micro-batch: a group's shared prefix, then each text's own tokens.
+
+    Position p predicts `targets[p]` with weight `weights[p]`: the number of the group's
+    texts that learn that next token (0: nothing is learned there)."""
+
+    ids: Any  # int32 numpy arrays, all of the row's length
+    positions: Any  # position id of each token (restarting after the prefix per text)
+    segments: Any  # 0: shared prefix, i: the rest of the group's i-th text
+    targets: Any
+    weights: Any  # float32
+    texts: int  # examples in the row
+    text_tokens: int  # their tokens counted separately (what the row saves on)
+
+
+def pack_group(texts: Sequence[tuple[Sequence[int], int]], loss: str, share: bool = True) -> TrainingRow:
+    """The training row of a group of tokenized texts `(ids, first answer token)`.
+
+    With `share`, the prefix is the group's common tokens except the last (whose
+    prediction of the next, also common, token stays in the prefix): every text keeps
+    at least one token of its own. Without, the row holds one text (`texts` of length 1)."""
+    import numpy as np
+
+    if not share and len(texts) != 1:
+        raise ValueError("without prefix sharing a row holds exactly one text")
+    arrays = [np.asarray(ids, dtype=np.int32) for ids, _ in texts]
+    lengths = [len(a) for a in arrays]
+    if len(arrays) == 1:
+        prefix = lengths[0]
+    else:
+        common = min(lengths)
+        for other in arrays[1:]:
+            differ = np.flatnonzero(arrays[0][:common] != other[:common])
+            if differ.size:
+                common = int(differ[0])
+        prefix = max(common - 1, 0)
+
+    def learned(text: int, token: int) -> bool:  # is token `token` of text `text` learned
+        return token < lengths[text] and (loss == "full" or token >= texts[text][1])
+
+    prefix_targets = np.zeros(prefix, dtype=np.int32)
+    following = arrays[0][1 : prefix + 1]  # a lone text's last token predicts nothing
+    prefix_targets[: len(following)] = following
+    ids, positions, targets = [arrays[0][:prefix]], [np.arange(prefix)], [prefix_targets]
+    segments = [np.zeros(prefix, dtype=np.int32)]
+    weights = [np.array([sum(learned(t, p + 1) for t in range(len(arrays))) for p in range(prefix)], dtype=np.float32)]
+    suffixes = arrays if len(arrays) > 1 else []
+    for text, array in enumerate(suffixes):
+        own = np.arange(prefix, lengths[text])  # token indices = position ids
+        ids.append(array[prefix:])
+        positions.append(own)
+        segments.append(np.full(len(own), text + 1, dtype=np.int32))
+        targets.append(np.append(array[prefix + 1 :], 0))
+        weights.append(np.array([float(learned(text, p + 1)) for p in own], dtype=np.float32))
+    return TrainingRow(
+        ids=np.concatenate(ids).astype(np.int32),
+        positions=np.concatenate(positions).astype(np.int32),
+        segments=np.concatenate(segments).astype(np.int32),
+        targets=np.concatenate(targets).astype(np.int32),
+        weights=np.concatenate(weights).astype(np.float32),
+        texts=len(arrays),
+        text_tokens=int(sum(lengths)),
+    )
+
+
+@dataclass
+class EncodedExamples:
+    rows: list[TrainingRow]  # one per group (or per text without sharing)
+    texts: int  # kept examples
+    dropped: int  # examples over max_length left out (overlong: drop)
+    text_tokens: int  # tokens of the kept examples, each text counted whole
+    row_tokens: int  # tokens the rows hold (what one epoch computes)
+
+
+def encode_examples(
+    tokenizer,
+    examples: Sequence[tuple[str, int]],
+    *,
+    loss: str,
+    max_length: int,
+    overlong: str = "error",
+    groups: Sequence[str] | None = None,
+    share_prefix: bool = True,
+) -> EncodedExamples:
+    """Tokenize every example once (on the driver), check lengths and answers, and
+    pack each group into a row (one row per text without groups or sharing)."""
+    if groups is not None and len(groups) != len(examples):
+        raise ConfigError(f"{len(groups)} group keys for {len(examples)} training examples")
+    kept: dict[Any, list[tuple[list[int], int]]] = {}
+    dropped, longest = 0, 0
+    for index, (text, answer_start) in enumerate(examples):
+        ids, start = label_start(tokenizer, text, answer_start)
+        if start >= len(ids):
+            raise ConfigError(f"example {index}: no token overlaps the answer text[{answer_start}:]")
+        if loss == "answer" and start == 0:
+            raise ConfigError(
+                f"example {index}: the answer starts at the first token, so nothing predicts it; "
+                "the text must hold a prompt before the answer"
+            )
+        if len(ids) > max_length:
+            longest = max(longest, len(ids))
+            dropped += 1
+            continue
+        key = groups[index] if (groups is not None and share_prefix) else index
+        kept.setdefault(key, []).append((ids, start))
+    if dropped and overlong == "error":
+        raise ConfigError(
+            f"{dropped} of {len(examples)} training texts are longer than max_length="
+            f"{max_length} tokens (longest {longest}); shorten the prompts (summary or "
+            "history, never the candidate or the answer), raise train.max_length, or set "
+            "train.overlong=drop"
+        )
+    if not kept:
+        raise ConfigError(f"no training example fits max_length={max_length} tokens")
+    rows = [pack_group(members, loss, share=share_prefix) for members in kept.values()]
+    return EncodedExamples(
+        rows=rows,
+        texts=sum(r.texts for r in rows),
+        dropped=dropped,
+        text_tokens=sum(r.text_tokens for r in rows),
+        row_tokens=sum(len(r.ids) for r in rows),
+    )
+
+
+# -------------------------------------------------------------------------- batching
+
+
+def epoch_order(n: int, seed: int, epoch: int):
+    """The seeded shuffle of epoch `epoch` (1-based): the same on every worker and run."""
+    import numpy as np
+
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def epoch_batches(sizes: Sequence[int], seed: int, epoch: int, batch: int) -> list[list[int]]:
+    """All micro-batches (row indices) of one epoch: shuffled rows cut into runs of at
+    most `batch` texts (`sizes[i]`: the texts of row i; a larger row stands alone)."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for row in epoch_order(len(sizes), seed, epoch):
+        row = int(row)
+        if current and filled + sizes[row] > batch:
+            batches.append(current)
+            current, filled = [], 0
+        current.append(row)
+        filled += sizes[row]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def worker_batches(sizes: Sequence[int], seed: int, epoch: int, rank: int, world: int, batch: int) -> list[list[int]]:
+    """This worker's micro-batches of one epoch; every worker gets as many."""
+    batches = epoch_batches(sizes, seed, epoch, batch)
+    return batches[rank::world][: len(batches) // world]
+
+
+def epoch_steps(sizes: Sequence[int], seed: int, epoch: int, world: int, batch: int, accumulation: int) -> int:
+    """Optimizer steps of one epoch (the last may accumulate fewer micro-batches)."""
+    micro = len(epoch_batches(sizes, seed, epoch, batch)) // world
+    return math.ceil(micro / accumulation)
+
+
+def collate(rows: Sequence[TrainingRow], pad_id: int, device, mask_dtype) -> dict:
+    """Tensors of one micro-batch: the model's inputs (right padded) + targets/weights.
+
+    Rows that share a prefix need the 4D segment mask; rows of single texts get the
+    ordinary 2D padding mask (any attention kernel handles it)."""
+    import numpy as np
+    import torch
+
+    from trsr.llm.packing import PAD_SEGMENT, additive_mask, segment_allowed
+
+    length = max(len(r.ids) for r in rows)
+    shape = (len(rows), length)
+    ids = np.full(shape, pad_id, dtype=np.int64)
+    positions = np.zeros(shape, dtype=np.int64)
+    segments = np.full(shape, PAD_SEGMENT, dtype=np.int64)
+    targets = np.zeros(shape, dtype=np.int64)
+    weights = np.zeros(shape, dtype=np.float32)
+    for i, row in enumerate(rows):
+        n = len(row.ids)
+        ids[i, :n], positions[i, :n], segments[i, :n] = row.ids, row.positions, row.segments
+        targets[i, :n], weights[i, :n] = row.targets, row.weights
+    segments_t = torch.from_numpy(segments)
+    if (segments > 0).any():
+        mask = additive_mask(segment_allowed(segments_t), mask_dtype)[:, None]
+    else:
+        mask = (segments_t != PAD_SEGMENT).long()
+    weights_t = torch.from_numpy(weights)
+    # Logits only where something is learned (the LM head over 49k words is a fifth of a
+    # small model's work per token): the union of those positions over the rows.
+    keep = torch.nonzero(weights_t.sum(0) > 0).flatten()
+    return {
+        "inputs": {
+            "input_ids": torch.from_numpy(ids).to(device),
+            "attention_mask": mask.to(device),
+            "position_ids": torch.from_numpy(positions).to(device),
+            "logits_to_keep": keep.to(device),
+        },
+        "targets": torch.from_numpy(targets)[:, keep].to(device),
+        "weights": weights_t[:, keep].to(device),
+        "tokens": int((segments != PAD_SEGMENT).sum()),
+        "texts": sum(r.texts for r in rows),
+    }
+
+
+def weighted_loss(logits, targets, weights):
+    """Mean next-token cross-entropy over the learned predictions (weights = counts)."""
+    import torch
+
+    losses = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+    )
+    return (losses * weights.flatten()).sum() / weights.sum().clamp_min(1e-9)
