@@ -67,3 +67,42 @@ def require_resources(what: str, gpus: float = 0.0, cpus: float = 0.0) -> None:
         )
     if cpus > have_cpus:
         raise ConfigError(f"{what} needs {cpus:g} CPU(s) but the Ray cluster has {have_cpus:g}")
+
+
+def map_table(
+    table,
+    stage,
+    *,
+    rows_per_batch: int,
+    constructor_kwargs: dict | None = None,
+    actors: int = 1,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    schema=None,
+):
+    """Run a stage class (Arrow table in, Arrow table out) over `table` on a Ray Data
+    actor pool with the given resources, and collect its output as one table.
+
+    The table is cut into blocks of `rows_per_batch` rows, one batch each, so the work
+    spreads over the actors from the start. The output parts come back in no
+    particular order: callers sort. `schema`: cast the result to it (and the empty
+    result is its empty table)."""
+    import pyarrow as pa
+    import ray
+
+    init_ray()
+    blocks = [table.slice(i, rows_per_batch) for i in range(0, table.num_rows, rows_per_batch)] or [table]
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        stage,
+        fn_constructor_kwargs=constructor_kwargs or {},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=rows_per_batch,
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+    )
+    parts = [part for part in ray.get(dataset.to_arrow_refs()) if part.num_rows]
+    if not parts:
+        return schema.empty_table() if schema is not None else table.slice(0, 0)
+    out = pa.concat_tables(parts)
+    return out.cast(schema) if schema is not None else out

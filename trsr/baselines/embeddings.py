@@ -137,9 +137,7 @@ def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, fo
 
     Returns {"path", "fingerprint", "items", "dim", "seconds", "items_per_s", "skipped"}.
     """
-    import ray
-
-    from trsr.ray_utils import init_ray, require_resources
+    from trsr.ray_utils import init_ray, map_table, require_resources
 
     run = RunFolder(experiment.run_dir)
     if not storage.exists(run.manifest("prepared")):
@@ -166,19 +164,10 @@ def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, fo
         cpus=config.num_cpus * config.actors,
     )
     started = time.perf_counter()
-    size = config.batch_size
-    blocks = [texts.slice(i, size) for i in range(0, texts.num_rows, size)]
-    dataset = ray.data.from_arrow(blocks).map_batches(
-        EncodeStage,
-        fn_constructor_kwargs={"config": config},
-        compute=ray.data.ActorPoolStrategy(size=config.actors),
-        batch_size=size,
-        batch_format="pyarrow",
-        num_cpus=config.num_cpus,
-        num_gpus=config.num_gpus,
+    encoded = map_table(
+        texts, EncodeStage, rows_per_batch=config.batch_size, constructor_kwargs={"config": config},
+        actors=config.actors, num_cpus=config.num_cpus, num_gpus=config.num_gpus,
     )
-    parts = [part for part in ray.get(dataset.to_arrow_refs()) if part.num_rows]
-    encoded = pa.concat_tables(parts)
     seconds = time.perf_counter() - started
 
     # Back to the catalogue's order; every item exactly once.

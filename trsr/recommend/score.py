@@ -336,9 +336,8 @@ def score(experiment: "ExperimentConfig", split: str | None = "test", force: boo
     Writes <run_dir>/scores/<method>/<split>.parquet (SCORES). A split whose config and
     inputs are unchanged since its last run is skipped unless `force`.
     """
-    import ray
 
-    from trsr.ray_utils import init_ray, require_resources
+    from trsr.ray_utils import init_ray, map_table, require_resources
 
     config: ScoreConfig | None = getattr(experiment, "score", None)
     if not isinstance(config, ScoreConfig):
@@ -394,21 +393,10 @@ def score(experiment: "ExperimentConfig", split: str | None = "test", force: boo
             cpus=engine.num_cpus * engine.actors,
         )
         started = time.perf_counter()
-        per_batch = config.users_per_batch
-        dataset = ray.data.from_arrow(
-            [lists.slice(i, per_batch) for i in range(0, lists.num_rows, per_batch)] or [lists]
+        scored = map_table(
+            lists, ScoreStage, rows_per_batch=config.users_per_batch, constructor_kwargs={"config": config},
+            actors=engine.actors, num_cpus=engine.num_cpus, num_gpus=engine.num_gpus, schema=STAGE_OUTPUT,
         )
-        dataset = dataset.map_batches(
-            ScoreStage,
-            fn_constructor_kwargs={"config": config},
-            compute=ray.data.ActorPoolStrategy(size=engine.actors),
-            batch_size=per_batch,
-            batch_format="pyarrow",
-            num_cpus=engine.num_cpus,
-            num_gpus=engine.num_gpus,
-        )
-        parts = [part for part in ray.get(dataset.to_arrow_refs()) if part.num_rows]
-        scored = pa.concat_tables(parts).cast(STAGE_OUTPUT) if parts else STAGE_OUTPUT.empty_table()
         seconds = time.perf_counter() - started
         check_complete(scored, lists, out)
         scored = scored.sort_by([("list_id", "ascending"), ("position", "ascending")])

@@ -23,7 +23,6 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import Field, model_validator
 
 from trsr import storage
@@ -164,22 +163,12 @@ def first_lists_by_user(lists: pa.Table, n: int | None) -> pa.Table:
 
 
 def build_texts(lists: pa.Table, config: ScoreConfig, model: str, per_batch: int) -> pa.Table:
-    import ray
+    from trsr.ray_utils import map_table
 
-    from trsr.ray_utils import init_ray
-
-    init_ray()
-    dataset = ray.data.from_arrow([lists.slice(i, per_batch) for i in range(0, lists.num_rows, per_batch)] or [lists])
-    dataset = dataset.map_batches(
-        TrainingTexts,
-        fn_constructor_kwargs={"config": config, "model": model},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=per_batch,
-        batch_format="pyarrow",
-        num_cpus=1,
+    texts = map_table(
+        lists, TrainingTexts, rows_per_batch=per_batch, constructor_kwargs={"config": config, "model": model},
+        schema=EXAMPLES,
     )
-    parts = [part for part in ray.get(dataset.to_arrow_refs()) if part.num_rows]
-    texts = pa.concat_tables(parts).cast(EXAMPLES) if parts else EXAMPLES.empty_table()
     expected = sum(len(c) for c in lists.column("candidates").to_pylist())
     if texts.num_rows != expected:
         raise AssertionError(f"built {texts.num_rows} training texts for {expected} candidates")
