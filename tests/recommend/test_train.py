@@ -270,8 +270,12 @@ def test_deepspeed_zero2_on_two_cpu_workers(tiny_model, ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 
     config = small(tiny_model, workers=2, deepspeed=True, epochs=1)
-    result = train_lora(config, toy_examples(16, seed=3), storage_path=str(tmp_path / "runs"))
+    # Pairs of texts as groups: each micro-batch is one prefix-shared row (4D mask).
+    groups = [f"pair{i // 2}" for i in range(16)]
+    result = train_lora(config, toy_examples(16, seed=3), storage_path=str(tmp_path / "runs"), groups=groups)
     assert result["steps"] == 2  # 16 examples / (2 workers x 2 per device x 2 accumulation)
+    epoch = result["history"][0]
+    assert epoch["computed_tokens"] < epoch["tokens"]
 
     checkpoint = result["best_checkpoint"]
     state_dir = os.path.join(checkpoint, "deepspeed", "state")
