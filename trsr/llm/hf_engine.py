@@ -248,7 +248,7 @@ class HFEngine(Engine):
         # rows are the suffix tokens: each sees the whole prefix and its own earlier tokens.
         owner = torch.repeat_interleave(torch.arange(1, len(batch) + 1), torch.tensor(lengths))
         segments = torch.cat([torch.zeros(prefix_len, dtype=torch.long), owner])
-        allowed = segment_allowed(segments)[prefix_len:]
+        allowed = segment_allowed(segments, first_query=prefix_len)
         mask = additive_mask(allowed, self._compute_dtype())
         ends = torch.tensor(lengths).cumsum(0) - 1  # each suffix's last token in the row
         kwargs = {}

@@ -30,19 +30,22 @@ def within_sliding_window(model_config, longest: int) -> bool:
     return isinstance(window, int) and window > 0 and longest > window
 
 
-def segment_allowed(segments):
+def segment_allowed(segments, first_query: int = 0):
     """allowed[..., q, k] (bool) for segment ids of shape [..., T] (see module doc).
 
-    Padding (PAD_SEGMENT) attends to itself only, so no row of the mask is empty."""
+    Rows are the queries from position `first_query` on (the scorer asks only for its
+    suffix tokens after a cached prefix). Padding (PAD_SEGMENT) attends to itself only,
+    so no row of the mask is empty."""
     import torch
 
     length = segments.shape[-1]
-    index = torch.arange(length, device=segments.device)
-    causal = index[None, :] <= index[:, None]
-    key, query = segments[..., None, :], segments[..., :, None]
+    keys = torch.arange(length, device=segments.device)
+    queries = keys[first_query:]
+    causal = keys[None, :] <= queries[:, None]
+    key, query = segments[..., None, :], segments[..., first_query:, None]
     real = (key != PAD_SEGMENT) & (query != PAD_SEGMENT)
-    allowed = causal & real & ((key == 0) | (key == query))
-    return allowed | torch.eye(length, dtype=torch.bool, device=segments.device)
+    itself = keys[None, :] == queries[:, None]
+    return (causal & real & ((key == 0) | (key == query))) | itself
 
 
 def additive_mask(allowed, dtype):

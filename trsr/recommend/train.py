@@ -79,8 +79,7 @@ from trsr.config import Section, fingerprint
 from trsr.errors import ConfigError, InputFileError, TrsrError
 from trsr.llm.models import DEFAULT_LLM
 from trsr.llm.packing import within_sliding_window
-from trsr.recommend.train_data import (  # noqa: F401  (the example helpers are part of this API)
-    IGNORE_INDEX,
+from trsr.recommend.train_data import (
     EncodedExamples,
     Example,
     collate,
@@ -90,7 +89,6 @@ from trsr.recommend.train_data import (  # noqa: F401  (the example helpers are 
     epoch_steps,
     normalize_examples,
     read_examples,
-    tokenize_example,
     weighted_loss,
     worker_batches,
 )
