@@ -238,7 +238,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from trsr.runs import RunFolder
 
     run = RunFolder(args.run_dir)
-    path = run.stats("prepared")
+    path = run.prepared_stage.stats_path
     if not storage.exists(path):
         raise TrsrError(f"{path}: not found; run `trsr data prepare` into {args.run_dir} first")
     stats = storage.read_json(path)

@@ -21,6 +21,7 @@ from trsr.evaluate.report import EvaluateConfig
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.prompt import VARIANTS
 from trsr.recommend.sft import SFTConfig
+from trsr.runner import RunnerConfig
 from trsr.summarize.config import SummarizeConfig
 
 Variant = Literal["hierarchical", "recurrent", "summary_only", "tallrec"]
@@ -37,6 +38,9 @@ class ExperimentConfig(Section):
     score: ScoreConfig = ScoreConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    # Faults and progress of every streaming stage (summarize, training texts, score,
+    # item embeddings).
+    runner: RunnerConfig = RunnerConfig()
     # Recommender variants `trsr run` trains and scores; null = [score.prompt.variant].
     variants: list[Variant] | None = None
     # `trsr run` also trains and scores baselines.models, for the same table.

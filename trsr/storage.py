@@ -84,12 +84,12 @@ def local_or_bytes(path: str):
     return str(path)
 
 
-def write_parquet(table: pa.Table, path: str) -> None:
+def write_parquet(table: pa.Table, path: str, row_group_rows: int | None = None) -> None:
     parent = posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
     if parent:
         makedirs(parent)
     filesystem, inner = arrow_filesystem(path)
-    pq.write_table(table, inner, filesystem=filesystem, compression="zstd")
+    pq.write_table(table, inner, filesystem=filesystem, compression="zstd", row_group_size=row_group_rows)
 
 
 def read_parquet(path: str, columns: list[str] | None = None) -> pa.Table:

@@ -1,15 +1,17 @@
 """Item text embeddings: every catalogue item's text, encoded once, cached as Parquet.
 
-    items.parquet -> render_item (the same one-line text the LLM sees)
-      -> EncodeStage (Ray Data actors: tokenizer + encoder, mean pooling, L2 norm)
-      -> <run_dir>/embeddings/<encoder>.parquet   item_id, embedding (float32 x dim)
-         <run_dir>/embeddings/<encoder>.json      fingerprint, items, dim, timings
+    prepared/items.parquet (all items, or those in some ranking list)
+      -> EncodeStage   encoder actors: render_item (the same one-line text the LLM
+                       sees), tokenizer + encoder, mean pooling, L2 norm
+      -> <run_dir>/embeddings/<encoder>/   item_id, embedding (float32 x dim), one file
+                       per batch; _stats.json (items, dim, timings), _manifest.json
 
-The cache is keyed by a fingerprint of the encoder settings and the prepared data; an
-up-to-date file is reused (baselines trained with other settings share it).
+A stage of the runner (trsr.runner): streamed, resumable, keyed by a fingerprint of the
+encoder settings and the prepared data; an up-to-date folder is reused (baselines
+trained with other settings share it).
 
-`EncodeStage` is a plain class over Arrow batches (no Ray inside). The input is cut
-into fixed blocks of `batch_size` items before it reaches Ray Data, so every item is
+`EncodeStage` is a plain class over Arrow batches (no Ray inside). The runner cuts the
+input into blocks of `batch_size` items in the catalogue's order, so every item is
 encoded in the same batch (same padding) on every run: identical vectors.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from trsr.config import fingerprint
 from trsr.data.schema import SPLITS
 from trsr.data.text import render_item
 from trsr.errors import TrsrError
-from trsr.runs import RunFolder
+from trsr.runs import LAYOUT, RunFolder
 
 if TYPE_CHECKING:
     from trsr.experiment import ExperimentConfig
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STAGE = "embeddings"
 TEXTS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)])
+EMBEDDINGS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("embedding", pa.list_(pa.float32()))])
 
 
 def encoder_name(ref: str) -> str:
@@ -49,12 +51,12 @@ def encoder_name(ref: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "encoder"
 
 
+def embeddings_folder(run_dir: str, ref: str):
+    return RunFolder(run_dir).embeddings(encoder_name(ref))
+
+
 def embeddings_path(run_dir: str, ref: str) -> str:
-    return storage.join(RunFolder(run_dir).stage_dir(STAGE), f"{encoder_name(ref)}.parquet")
-
-
-def _info_path(run_dir: str, ref: str) -> str:
-    return storage.join(RunFolder(run_dir).stage_dir(STAGE), f"{encoder_name(ref)}.json")
+    return embeddings_folder(run_dir, ref).path
 
 
 def item_texts(items: pa.Table, max_chars: int | None) -> pa.Table:
@@ -69,7 +71,8 @@ def item_texts(items: pa.Table, max_chars: int | None) -> pa.Table:
 
 
 class EncodeStage:
-    """Arrow batches of (item_id, text) -> (item_id, embedding: list<float32>)."""
+    """Arrow batches of items (item_id + attributes, or item_id + text) -> (item_id,
+    embedding: list<float32>)."""
 
     def __init__(self, config: EncoderConfig):
         import torch
@@ -88,6 +91,8 @@ class EncodeStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        if "text" not in batch.column_names:
+            batch = item_texts(batch, self.config.max_chars)
         texts = batch.column("text").to_pylist()
         encoded = self.tokenizer(
             texts,
@@ -106,96 +111,92 @@ class EncodeStage:
         if self.config.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
         array = vectors.cpu().numpy().astype(np.float32)
-        dim = array.shape[1]
-        flat = pa.array(array.reshape(-1), pa.float32())
         return pa.table(
-            {
-                "item_id": batch.column("item_id"),
-                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-            }
+            {"item_id": batch.column("item_id"), "embedding": pa.array(list(array), pa.list_(pa.float32()))},
+            schema=EMBEDDINGS,
         )
 
 
 def _used_items(run: RunFolder) -> pa.Array:
-    parts = []
-    for split in SPLITS:
-        samples = storage.read_parquet(run.samples(split), columns=["history", "candidate"])
-        parts.append(pc.list_flatten(samples.column("history")).combine_chunks())
-        parts.append(samples.column("candidate").combine_chunks())
-    return pa.concat_arrays(parts).unique()
+    """Items in some ranking list (history or candidate), from a streamed scan of the
+    prepared lists: the result is bounded by the catalogue, not by the users."""
+    import pyarrow.dataset as ds
+
+    paths = [run.lists(split) for split in SPLITS]
+    filesystem, _ = storage.arrow_filesystem(paths[0])
+    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem, format="parquet")
+    seen: set[str] = set()
+    for batch in dataset.to_batches(columns=["history", "candidates"]):
+        for name in ("history", "candidates"):
+            seen.update(pc.unique(pc.list_flatten(batch.column(name))).to_pylist())
+    return pa.array(sorted(seen), pa.string())
 
 
 def _fingerprint(config: EncoderConfig, run: RunFolder) -> str:
-    prepared = storage.read_json(run.manifest("prepared")).get("fingerprint")
+    prepared = run.prepared_fingerprint()
     # Resources do not change the vectors; the batch size does (padding), slightly.
     settings = config.model_dump(exclude={"actors", "num_cpus", "num_gpus", "torch_threads"})
-    return fingerprint(settings, prepared)
+    return fingerprint(settings, prepared, LAYOUT)
 
 
 def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, force: bool = False) -> dict:
-    """Encode the catalogue into <run_dir>/embeddings/<encoder>.parquet (or reuse it).
+    """Encode the catalogue into <run_dir>/embeddings/<encoder>/ (or reuse it).
 
     Returns {"path", "fingerprint", "items", "dim", "seconds", "items_per_s", "skipped"}.
     """
-    from trsr.ray_utils import init_ray, map_table, require_resources
+    from trsr.runner import Step, StageJob, run_stage
 
     run = RunFolder(experiment.run_dir)
-    if not storage.exists(run.manifest("prepared")):
-        raise TrsrError(f"{run.manifest('prepared')}: not found; run `trsr data prepare` into {run.root} first")
     key = _fingerprint(config, run)
-    path = embeddings_path(run.root, config.model)
-    info_path = _info_path(run.root, config.model)
-    if not force and storage.exists(path) and storage.exists(info_path):
-        info = storage.read_json(info_path)
-        if info.get("fingerprint") == key:
-            return dict(info, skipped=True)
-
-    items = storage.read_parquet(run.items())
+    folder = embeddings_folder(run.root, config.model)
+    where = []
     if config.items == "used":
-        items = items.filter(pc.is_in(items.column("item_id"), value_set=_used_items(run)))
-    if items.num_rows == 0:
+        # The set of items in some list: bounded by the catalogue, not by the users.
+        where = [("item_id", "in", _used_items(run).to_pylist())]
+    job = StageJob(
+        name=f"item embeddings {encoder_name(config.model)}",
+        folder=folder,
+        inputs=[run.items()],
+        id_column="item_id",
+        steps=[
+            Step(
+                EncodeStage, {"config": config}, EMBEDDINGS,
+                actors=config.actors, num_cpus=config.num_cpus, num_gpus=config.num_gpus,
+            )
+        ],
+        batch_rows=config.batch_size,
+        fingerprint=key,
+        where=where,
+        unit="items",
+        block_stats=lambda table: {"max:dim": len(table.column("embedding")[0]) if table.num_rows else 0},
+        details={"encoder": config.model},
+    )
+    stats = run_stage(job, experiment.runner, force=force)
+    if stats["rows_in"] == 0:
         raise TrsrError(f"{run.items()}: no items to encode")
-    texts = item_texts(items, config.max_chars)
-
-    init_ray()
-    require_resources(
-        f"item embeddings ({config.actors} encoder actor(s))",
-        gpus=config.num_gpus * config.actors,
-        cpus=config.num_cpus * config.actors,
-    )
-    started = time.perf_counter()
-    encoded = map_table(
-        texts, EncodeStage, rows_per_batch=config.batch_size, constructor_kwargs={"config": config},
-        actors=config.actors, num_cpus=config.num_cpus, num_gpus=config.num_gpus,
-    )
-    seconds = time.perf_counter() - started
-
-    # Back to the catalogue's order; every item exactly once.
-    got = encoded.column("item_id").to_pylist()
-    if len(got) != texts.num_rows or set(got) != set(texts.column("item_id").to_pylist()):
-        raise AssertionError(f"{path}: encoded {len(got)} rows for {texts.num_rows} items")
-    order = {item: i for i, item in enumerate(got)}
-    encoded = encoded.take(pa.array([order[i] for i in texts.column("item_id").to_pylist()]))
-    storage.write_parquet(encoded, path)
-    dim = encoded.schema.field("embedding").type.list_size
     info = {
-        "path": path,
+        "path": folder.path,
         "fingerprint": key,
         "encoder": config.model,
-        "items": encoded.num_rows,
-        "dim": dim,
-        "seconds": round(seconds, 2),
-        "items_per_s": round(encoded.num_rows / max(seconds, 1e-9), 1),
+        "items": stats["rows_out"],
+        "dim": stats.get("max:dim"),
+        "seconds": stats["seconds"],
+        "items_per_s": stats.get("rows_per_s"),
+        "skipped": stats.get("skipped", False),
     }
-    storage.write_json(info, info_path)
     log.info("item embeddings: %s", info)
-    return dict(info, skipped=False)
+    return info
 
 
 def load_embeddings(path: str) -> tuple[list[str], np.ndarray]:
-    """(item ids, float32 matrix [items, dim]) from an embeddings Parquet file."""
-    table = storage.read_parquet(path)
+    """(item ids, float32 matrix [items, dim]) from an embeddings folder (sorted by id)."""
+    from trsr.runs import StageFolder
+
+    table = StageFolder(path, "embeddings").read(columns=["item_id", "embedding", "error"])
+    failed = table.filter(pc.is_valid(table.column("error")))
+    if failed.num_rows:
+        raise TrsrError(f"{path}: {failed.num_rows} item(s) could not be encoded; see {path}/_rejects.parquet")
+    table = table.sort_by("item_id")
     column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    matrix = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-    return table.column("item_id").to_pylist(), matrix
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+    return table.column("item_id").to_pylist(), values.reshape(table.num_rows, -1)

@@ -1,10 +1,13 @@
 """The baselines job: train and score every selected model on the run's own protocol.
 
-    prepared/ (train 1:1 lists, valid/test 1:20 lists) + embeddings/<encoder>.parquet
+    prepared/ (train 1:1 lists, valid/test 1:20 lists) + embeddings/<encoder>/
       -> one Ray task per model (num_cpus / num_gpus from config)
-      -> scores/<method>/{valid,test}.parquet   SCORES, the LLM scorer's schema
-         scores/<method>/stats.json             training loss per epoch, time, metrics
-         scores/<method>/_manifest.json         fingerprint per split (skip if up to date)
+      -> scores/<method>/<split>/part-0.parquet   SCORES, the LLM scorer's schema, and
+                                                  _manifest.json (skip if up to date)
+         scores/<method>/stats.json               training loss per epoch, time, metrics
+
+The baselines train in one process per model on the whole (protocol-sized) training
+split by design; their scores land in the same run-folder layout as the LLM scorer's.
 
 Every candidate of every list of a scored split gets exactly one score (checked before
 anything is written), so one evaluator reads baselines and LLM methods alike.
@@ -41,7 +44,7 @@ def method_dir(run_dir: str, method: str) -> str:
 
 
 def scores_path(run_dir: str, method: str, split: str) -> str:
-    return storage.join(method_dir(run_dir, method), f"{split}.parquet")
+    return RunFolder(run_dir).scores(method, split).join("part-0.parquet")
 
 
 def model_fingerprint(config: BaselinesConfig, model: str, seed: int, prepared: str, embeddings: str | None) -> str:
@@ -114,9 +117,7 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
         raise ConfigError("the experiment config has no `baselines` section (BaselinesConfig)")
     seed = config.seed if config.seed is not None else experiment.seed
     run = RunFolder(experiment.run_dir)
-    if not storage.exists(run.manifest("prepared")):
-        raise TrsrError(f"{run.manifest('prepared')}: not found; run `trsr data prepare` into {run.root} first")
-    prepared = storage.read_json(run.manifest("prepared")).get("fingerprint")
+    prepared = run.prepared_fingerprint()
     neural = [m for m in config.models if m in NEURAL_MODELS]
     embeddings_key = embeddings_fingerprint(config.encoder, run) if neural else None
 
@@ -125,18 +126,10 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
     for model in config.models:
         method = config.method(model)
         key = model_fingerprint(config, model, seed, prepared, embeddings_key if model in NEURAL_MODELS else None)
-        folder = method_dir(run.root, method)
-        manifest_path = storage.join(folder, "_manifest.json")
-        stats_path = storage.join(folder, "stats.json")
-        if not force and storage.exists(manifest_path) and storage.exists(stats_path):
-            manifest = storage.read_json(manifest_path)
-            done = manifest.get("splits", {})
-            if all(
-                done.get(s, {}).get("fingerprint") == key and storage.exists(scores_path(run.root, method, s))
-                for s in config.splits
-            ):
-                result[method] = dict(storage.read_json(stats_path), skipped=True)
-                continue
+        stats_path = storage.join(method_dir(run.root, method), "stats.json")
+        if not force and storage.exists(stats_path) and all(run.scores(method, s).is_complete(key) for s in config.splits):
+            result[method] = dict(storage.read_json(stats_path), skipped=True)
+            continue
         todo[model] = key
     if not todo:
         return result
@@ -194,9 +187,11 @@ def _write(
         "encoder": config.encoder.model if out["model"] in NEURAL_MODELS else None,
         "embeddings": embedding_info["path"] if embedding_info and out["model"] in NEURAL_MODELS else None,
     }
-    manifest = {"stage": f"{STAGE}/{method}", "method": method, "splits": {}}
+    run = RunFolder(run_dir)
     for split in config.splits:
         lists = data.eval[split]
+        stage = run.scores(method, split)
+        stage.begin(key, force=True)
         path = scores_path(run_dir, method, split)
         rows = lists.rows
         table = rows.append_column("score", pa.array(out["scores"][split], pa.float64())).append_column(
@@ -211,9 +206,8 @@ def _write(
             "candidates": rows.num_rows,
             "metrics": {m: round(metrics[m], 5) for m in METRICS_SHOWN},
         }
-        manifest["splits"][split] = {"fingerprint": key, "finished_at": time.time()}
+        stage.finish(key, stats[split], method=method, split=split)
     storage.write_json(stats, storage.join(folder, "stats.json"))
-    storage.write_json(manifest, storage.join(folder, "_manifest.json"))
     return stats
 
 

@@ -21,15 +21,18 @@ from trsr.data.converters import convert
 from trsr.data.rejects import Rejects
 from trsr.data.schema import SPLITS
 from trsr.data.stats import format_accounting, format_table1, table1
-from trsr.runs import RunFolder, inputs_signature
+from trsr.runs import LAYOUT, RunFolder, inputs_signature
 
 log = logging.getLogger(__name__)
 STAGE = "prepared"
+# Lists are read by the streaming stages in blocks of a few dozen rows; smaller row
+# groups than pyarrow's default let a reader hand out work without reading a whole file.
+LISTS_ROW_GROUP = 4096
 
 
 def stage_fingerprint(experiment: ExperimentConfig) -> str:
     config = experiment.prepare
-    return fingerprint(config, experiment.seed, inputs_signature(config.source.path))
+    return fingerprint(config, experiment.seed, inputs_signature(config.source.path), LAYOUT)
 
 
 def ensure_synthetic(experiment: ExperimentConfig) -> None:
@@ -58,9 +61,9 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
     config = experiment.prepare
     ensure_synthetic(experiment)
     key = stage_fingerprint(experiment)
-    if not force and run.is_complete(STAGE, key):
+    if not force and run.prepared_stage.is_complete(key):
         log.info("prepare: outputs in %s are up to date; skipping", run.prepared)
-        stats = storage.read_json(run.stats(STAGE))
+        stats = run.prepared_stage.stats()
         stats["skipped"] = True
         return stats
 
@@ -82,6 +85,7 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
     storage.write_parquet(converted.sequences, run.sequences())
     for split in SPLITS:
         storage.write_parquet(result.samples[split], run.samples(split))
+        storage.write_parquet(result.lists[split], run.lists(split), row_group_rows=LISTS_ROW_GROUP)
     storage.write_parquet(rejects.table(), run.rejects(STAGE))
 
     counts = dict(converted.counts)
@@ -105,8 +109,7 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
         "seconds": {"convert": round(convert_seconds, 3), "total": round(time.perf_counter() - started, 3)},
     }
     _check_accounting(stats)
-    storage.write_json(stats, run.stats(STAGE))
-    run.mark_complete(STAGE, key, {"users": result.users_per_split})
+    run.prepared_stage.finish(key, stats, users=result.users_per_split)
     stats["skipped"] = False
     return stats
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from trsr.config import ProtocolConfig
 from trsr.data.rejects import Rejects
-from trsr.data.schema import SAMPLES, SPLITS
+from trsr.data.schema import LISTS, SAMPLES, SPLITS
 
 PROTOCOL = "protocol"  # stage name in rejects
 SOURCE = "sequences"
@@ -45,6 +45,7 @@ def list_id(split: str, user_id: str) -> str:
 @dataclass
 class ProtocolResult:
     samples: dict[str, pa.Table]  # split -> SAMPLES rows
+    lists: dict[str, pa.Table]  # split -> LISTS rows (the same lists, one row each)
     users_in: int
     users_per_split: dict[str, int]
     excluded: dict[str, int] = field(default_factory=dict)  # reason -> users
@@ -126,11 +127,13 @@ def build_samples(
         exclude(user, "not sampled (split sizes reached)")
 
     samples: dict[str, pa.Table] = {}
+    lists: dict[str, pa.Table] = {}
     users_per_split: dict[str, int] = {}
     catalogue_size = len(catalogue_ids)
     for split in SPLITS:
         negatives_per_list = getattr(config.negatives, split)
         columns: dict[str, list] = {name: [] for name in SAMPLES.names}
+        rows: dict[str, list] = {name: [] for name in LISTS.names}
         kept = 0
         for user, history, target in sorted(assignment[split], key=lambda row: row[0]):
             forbidden = {index_of[i] for i in history if i in index_of}
@@ -144,6 +147,13 @@ def build_samples(
             labels = [1] + [0] * len(negatives)
             order = rng.permutation(len(candidates))
             lid = list_id(split, user)
+            rows["list_id"].append(lid)
+            rows["split"].append(split)
+            rows["user_id"].append(user)
+            rows["list_index"].append(kept)
+            rows["history"].append(history)
+            rows["candidates"].append([candidates[k] for k in order])
+            rows["labels"].append([labels[k] for k in order])
             for position, k in enumerate(order):
                 columns["list_id"].append(lid)
                 columns["split"].append(split)
@@ -154,9 +164,10 @@ def build_samples(
                 columns["position"].append(position)
             kept += 1
         samples[split] = pa.Table.from_pydict(columns, schema=SAMPLES)
+        lists[split] = pa.Table.from_pydict(rows, schema=LISTS)
         users_per_split[split] = kept
 
-    result = ProtocolResult(samples, len(users), users_per_split, excluded)
+    result = ProtocolResult(samples, lists, len(users), users_per_split, excluded)
     result.check_accounting()
     return result
 

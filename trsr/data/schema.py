@@ -7,6 +7,9 @@ write `SCORES`; every stage sends bad rows to `REJECTS` with a reason.
     items       item_id, attributes = ordered [(name, value)] text attributes
     sequences   user_id, item_ids (chronological), timestamps (optional, same length)
     samples     list_id, split, user_id, history, candidate, label, position
+    lists       list_id, split, user_id, list_index, history, candidates, labels
+                (the same ranking lists, one row each: what the LLM stages read)
+    summaries   a list's columns + the user's summary and its bookkeeping
     scores      list_id, split, user_id, candidate, label, score, method
     rejects     stage, source, row, field, reason, user_id, item_id, raw
 
@@ -51,6 +54,52 @@ SAMPLES = pa.schema(
         pa.field("label", pa.int8(), nullable=False),
         # Order of the candidate inside its list after the seeded shuffle.
         pa.field("position", pa.int16(), nullable=False),
+    ]
+)
+
+# One row per ranking list, sorted by list_id (= by user within a split). list_index
+# is the list's rank in its split (0-based): "the first N lists" is list_index < N,
+# a filter that needs no order.
+LISTS = pa.schema(
+    [
+        pa.field("list_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("list_index", pa.int32(), nullable=False),
+        pa.field("history", pa.list_(pa.string()), nullable=False),
+        # Candidates in the list's (shuffled) order; labels[i] belongs to candidates[i].
+        pa.field("candidates", pa.list_(pa.string()), nullable=False),
+        pa.field("labels", pa.list_(pa.int8()), nullable=False),
+    ]
+)
+
+# A summary, its level/step (0-based) and index within that level.
+INTERMEDIATE = pa.struct([("step", pa.int32()), ("index", pa.int32()), ("text", pa.string())])
+
+# summaries/<mode>: every ranking list with its user's summary, so that the stages that
+# read summaries (training texts, scoring) read one table and join nothing.
+SUMMARIES = pa.schema(
+    list(LISTS)
+    + [
+        pa.field("mode", pa.string()),
+        # null when there is none: status "missing" (beyond summarize.max_users) or
+        # "prompt_too_long"; other statuses keep the text the summarizer produced.
+        pa.field("summary", pa.string()),
+        # "ok" (usable), "missing", or the problem found: empty, echo, repetitive,
+        # over_length, prompt_too_long.
+        pa.field("status", pa.string()),
+        pa.field("intermediates", pa.list_(INTERMEDIATE)),
+        pa.field("items", pa.int32()),
+        pa.field("blocks", pa.int32()),
+        pa.field("tokens_in", pa.int64()),
+        pa.field("tokens_out", pa.int64()),
+        pa.field("calls", pa.int32()),
+        pa.field("retries", pa.int32()),
+        pa.field("shortened_blocks", pa.int32()),
+        pa.field("trimmed", pa.int32()),
+        pa.field("model", pa.string()),
+        pa.field("template_hash", pa.string()),
+        pa.field("seed", pa.int64()),
     ]
 )
 

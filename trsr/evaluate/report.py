@@ -1,6 +1,6 @@
 """`trsr evaluate`: every scored method of a run in one table, with bootstrap intervals.
 
-    <run_dir>/scores/<method>/<split>.parquet   (SCORES rows; LLM variants, baselines)
+    <run_dir>/scores/<method>/<split>/   (SCORES rows; LLM variants, baselines)
       -> <run_dir>/report/<split>.json   per method: mean metrics, 95% intervals, lists, users
          <run_dir>/report/<split>.md     the paper's Table 2 layout (Recall@K, MRR@K) + NDCG, AUC
          <run_dir>/report/<split>.png    bar chart with the intervals and the chance level
@@ -25,7 +25,7 @@ from pydantic import Field, model_validator
 
 from trsr import storage
 from trsr.config import Section
-from trsr.data.schema import SCORES
+from trsr.data.schema import SCORES, SPLITS
 from trsr.errors import TrsrError
 from trsr.evaluate.metrics import bootstrap_ci, chance_level, per_list_metrics, summarize
 from trsr.runs import RunFolder
@@ -67,33 +67,27 @@ def report_path(run_dir: str, split: str, suffix: str) -> str:
 
 
 def find_methods(run_dir: str, split: str) -> list[str]:
-    """Methods with a scores/<method>/<split>.parquet, sorted by name."""
-    root = RunFolder(run_dir).stage_dir(SCORES_STAGE)
-    if not storage.exists(root):
-        return []
-    fs = storage.fsspec_filesystem(root)
-    found = []
-    for entry in fs.ls(root, detail=False):
-        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
-        if storage.exists(storage.join(root, name, f"{split}.parquet")):
-            found.append(name)
-    return sorted(found)
+    """Methods with complete scores of `split`, sorted by name."""
+    run = RunFolder(run_dir)
+    return [m for m in run.score_methods() if split in SPLITS and run.scores(m, split).exists()]
 
 
 def _read_scores(run_dir: str, method: str, split: str) -> pa.Table:
-    path = storage.join(RunFolder(run_dir).stage_dir(SCORES_STAGE), method, f"{split}.parquet")
-    if not storage.exists(path):
-        raise TrsrError(f"{path}: not found; score method {method!r} on split {split!r} first")
-    table = storage.read_parquet(path)
+    folder = RunFolder(run_dir).scores(method, split)
+    if not folder.exists():
+        raise TrsrError(f"{folder.path}: no complete scores; score method {method!r} on split {split!r} first")
+    table = folder.read()
     missing = [name for name in SCORES.names if name not in table.column_names]
     if missing:
-        raise TrsrError(f"{path}: missing column(s) {missing}; expected the SCORES schema {SCORES.names}")
+        raise TrsrError(f"{folder.path}: missing column(s) {missing}; expected the SCORES schema {SCORES.names}")
+    if "error" in table.column_names:  # lists that failed are in _rejects.parquet, not scored
+        table = table.filter(pc.is_null(table.column("error")))
     table = table.select(SCORES.names)
     if table.num_rows == 0:
-        raise TrsrError(f"{path}: no rows")
+        raise TrsrError(f"{folder.path}: no rows")
     nan = pc.sum(pc.is_nan(table.column("score"))).as_py()
     if nan:
-        raise TrsrError(f"{path}: {nan} NaN score(s)")
+        raise TrsrError(f"{folder.path}: {nan} NaN score(s)")
     return table.sort_by([("list_id", "ascending"), ("candidate", "ascending")])
 
 

@@ -1,12 +1,15 @@
 """`trsr train`: supervised fine-tuning of the recommender on a run folder's training split.
 
-    samples/train (1:1 lists)  + items + summaries/<mode>
-      -> TrainingTexts   Ray Data map: one guarded prompt + answer per candidate, built by
+    summaries/<mode> (or prepared/lists for tallrec), the train split's first max_lists
+      -> AttachItems     CPU actor: history and candidate attributes from the catalogue
+      -> TrainingTexts   CPU actors: one guarded prompt + answer per candidate, built by
                          the same PromptBuilder the scorer uses (same tokens, same answer)
-      -> train/<method>/examples.parquet   (text, answer_start, list_id, user_id, label, tokens)
-      -> train_lora      Ray Train (DeepSpeed ZeRO-2 or torch), LoRA checkpoints per epoch
-                         under train/<method>/lora/epoch-NNN/, per-epoch validation on the
-                         first `valid_lists` validation lists (the best epoch wins)
+      -> train/<method>/texts/   (text, answer_start, list_id, ...), one file per batch:
+                         a stage of the runner (trsr.runner), streamed and resumable
+      -> train_lora      Ray Train (DeepSpeed ZeRO-2 or torch) reading the texts as a Ray
+                         Dataset; LoRA checkpoints under train/<method>/lora/, per-epoch
+                         validation on the first `valid_lists` validation lists (the best
+                         epoch wins)
       -> train/<method>/result.json        loss per epoch, validation, best adapter
          train/<method>/_manifest.json     fingerprint: skip when nothing changed
 
@@ -19,19 +22,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+import pyarrow.compute as pc
+
 from trsr import storage
 from trsr.config import fingerprint
 from trsr.errors import ConfigError, TrsrError
+from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import ScoreConfig
+from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
 from trsr.recommend.train import TrainConfig
-from trsr.runs import RunFolder
+from trsr.runner import Step, StageJob, run_stage
+from trsr.runs import LAYOUT, RunFolder
 
 if TYPE_CHECKING:
     from trsr.experiment import ExperimentConfig
@@ -45,6 +52,7 @@ EXAMPLES = pa.schema(
         pa.field("answer_start", pa.int64(), nullable=False),
         pa.field("list_id", pa.string(), nullable=False),
         pa.field("user_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),  # the candidate's place in its list
         pa.field("label", pa.int8(), nullable=False),
         pa.field("summary_status", pa.string(), nullable=False),
         pa.field("history_items", pa.int16(), nullable=False),
@@ -68,8 +76,10 @@ class SFTConfig(TrainConfig):
     # epoch by valid_metric; 0 = no validation, the last epoch wins.
     valid_lists: int = Field(64, ge=0)
     valid_metric: str | None = "mrr@10"
-    # Examples per Ray Data batch when the training texts are built.
-    texts_per_batch: int = Field(256, ge=1)
+    # Lists per batch (and per committed block) when the training texts are built, and
+    # the CPU actors that build them.
+    texts_per_batch: int = Field(64, ge=1)
+    text_actors: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _check_valid(self) -> "SFTConfig":
@@ -88,7 +98,7 @@ class SFTConfig(TrainConfig):
 
 
 def stage_dir(run_dir: str, method: str) -> str:
-    return storage.join(RunFolder(run_dir).stage_dir(STAGE), method)
+    return RunFolder(run_dir).training(method).path
 
 
 def trained_adapter(run_dir: str, method: str) -> str:
@@ -103,7 +113,7 @@ def trained_adapter(run_dir: str, method: str) -> str:
 
 
 class TrainingTexts:
-    """LISTS rows -> one EXAMPLES row per candidate (Ray Data actor; loads a tokenizer)."""
+    """PROMPT_LISTS rows -> one EXAMPLES row per candidate (a CPU actor with a tokenizer)."""
 
     def __init__(self, config: ScoreConfig, model: str):
         from transformers import AutoTokenizer
@@ -114,18 +124,17 @@ class TrainingTexts:
         self.builder = PromptBuilder(config.prompt, AutoTokenizer.from_pretrained(resolve(model)))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from trsr.recommend.score import usable_summary
-
         out: dict[str, list[Any]] = {name: [] for name in EXAMPLES.names}
         for row in batch.to_pylist():
-            summary = usable_summary(row["summary"], row["summary_status"], self.config.prompt)
-            for attributes, label in zip(row["candidate_attributes"], row["labels"]):
+            summary = usable_summary(row["summary"], row["summary_status"], self.config.prompt.has_summary)
+            for position, (attributes, label) in enumerate(zip(row["candidate_attributes"], row["labels"])):
                 prompt = self.builder.fit(summary, row["history"], [attributes])
                 text = prompt.prefix + prompt.suffixes[0]
                 out["answer_start"].append(len(text))
                 out["text"].append(text + self.builder.answer(label) + self.builder.end_of_turn)
                 out["list_id"].append(row["list_id"])
                 out["user_id"].append(row["user_id"])
+                out["position"].append(position)
                 out["label"].append(label)
                 out["summary_status"].append(row["summary_status"])
                 out["history_items"].append(prompt.history_items)
@@ -133,8 +142,8 @@ class TrainingTexts:
 
 
 class ValidateAdapter:
-    """valid_fn for train_lora: score validation lists with the epoch's adapter (on the
-    train worker, transformers backend) and return the ranking metrics."""
+    """valid_fn for train_lora: score validation lists (PROMPT_LISTS) with the epoch's
+    adapter (on the train worker, transformers backend) and return the ranking metrics."""
 
     def __init__(self, config: ScoreConfig, lists: pa.Table, seed: int):
         self.config = config
@@ -157,31 +166,75 @@ class ValidateAdapter:
         return {k: v for k, v in metrics.items() if k != "auc_excluded"}
 
 
-def first_lists_by_user(lists: pa.Table, n: int | None) -> pa.Table:
-    lists = lists.sort_by([("user_id", "ascending"), ("list_id", "ascending")])
-    return lists if n is None else lists.slice(0, n)
-
-
-def build_texts(lists: pa.Table, config: ScoreConfig, model: str, per_batch: int) -> pa.Table:
-    from trsr.ray_utils import map_table
-
-    texts = map_table(
-        lists, TrainingTexts, rows_per_batch=per_batch, constructor_kwargs={"config": config, "model": model},
-        schema=EXAMPLES,
+def texts_job(experiment: "ExperimentConfig", model: str) -> StageJob:
+    """The runner's description of building the training texts of the variant."""
+    config: SFTConfig = experiment.train
+    score_config: ScoreConfig = experiment.score
+    run = RunFolder(experiment.run_dir)
+    method = score_config.method_name
+    mode = score_config.prompt.mode
+    inputs, _ = ranking_lists.source(run, mode)
+    prepared, summaries = ranking_lists.input_fingerprints(run, score_config.prompt)
+    return StageJob(
+        name=f"training texts {method}",
+        folder=run.training_texts(method),
+        inputs=inputs,
+        id_column="list_id",
+        steps=[
+            Step(AttachItems, {"items": run.items(), "history_items": score_config.prompt.k, "uses_summary": mode is not None}, PROMPT_LISTS),
+            Step(TrainingTexts, {"config": score_config, "model": model}, EXAMPLES, actors=config.text_actors),
+        ],
+        batch_rows=config.texts_per_batch,
+        fingerprint=fingerprint(score_config.prompt, model, config.max_lists, prepared, summaries, LAYOUT),
+        where=ranking_lists.where("train", config.max_lists),
+        columns=ranking_lists.columns(mode),
+        unit="lists",
+        block_stats=_texts_stats,
+        units=lambda table: int(pc.sum(pc.equal(table.column("position"), 0)).as_py() or 0),
+        details={"method": method},
     )
-    expected = sum(len(c) for c in lists.column("candidates").to_pylist())
-    if texts.num_rows != expected:
-        raise AssertionError(f"built {texts.num_rows} training texts for {expected} candidates")
-    return texts.sort_by([("list_id", "ascending"), ("label", "descending")])
+
+
+def _texts_stats(table: pa.Table) -> dict:
+    per_list = table.filter(pc.equal(table.column("position"), 0))
+    counts = pc.value_counts(per_list.column("summary_status"))
+    return {
+        "lists": per_list.num_rows,
+        "examples": table.num_rows,
+        "summary_status": dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())),
+    }
+
+
+def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
+    """The first `n` validation lists (PROMPT_LISTS), read in the driver: `n` is a small
+    config value (train.valid_lists), and only their items are loaded."""
+    import pyarrow.dataset as ds
+
+    from trsr.data.catalogue import Catalogue
+    from trsr.runner import _arrow_where
+
+    score_config: ScoreConfig = experiment.score
+    run = RunFolder(experiment.run_dir)
+    mode = score_config.prompt.mode
+    inputs, _ = ranking_lists.source(run, mode)
+    filesystem, _ = storage.arrow_filesystem(inputs[0])
+    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in inputs], filesystem=filesystem, format="parquet")
+    table = dataset.to_table(
+        columns=ranking_lists.columns(mode), filter=_arrow_where(ranking_lists.where("valid", n))
+    ).sort_by("list_id")
+    if table.num_rows == 0:
+        return PROMPT_LISTS.empty_table()
+    needed = pc.unique(pa.concat_arrays([pc.list_flatten(table.column(c)).combine_chunks() for c in ("history", "candidates")]))
+    catalogue = Catalogue.load(run.items(), only=needed.to_pylist())
+    return AttachItems(catalogue, score_config.prompt.k, mode is not None)(table)
 
 
 def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
     """Fine-tune the recommender for experiment.score.prompt.variant; returns the result.
 
-    Writes train/<method>/ (examples, LoRA checkpoints, result.json). Skipped when the
+    Writes train/<method>/ (texts/, LoRA checkpoints, result.json). Skipped when the
     config and inputs match the last run (unless `force`, which also retrains from scratch).
     """
-    from trsr.recommend.score import build_lists, load_summaries, stage_inputs
     from trsr.recommend.train import train_lora
 
     config: SFTConfig = experiment.train
@@ -190,45 +243,34 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
         raise ConfigError("train.enabled is false: nothing to train (the score stage uses the base model)")
     method = score_config.method_name
     run = RunFolder(experiment.run_dir)
-    folder = stage_dir(run.root, method)
+    stage = run.training(method)
+    folder = stage.path
     lora = config.lora_config(score_config)
     if lora.max_length > score_config.engine.max_model_len:
         raise ConfigError(
             f"train.max_length={lora.max_length} exceeds score.engine.max_model_len={score_config.engine.max_model_len}"
         )
-    prepared, summaries_fp = stage_inputs(experiment, run)
+    prepared, summaries_fp = ranking_lists.input_fingerprints(run, score_config.prompt)
     score_config.prompt.check_min_history(experiment.prepare.protocol.min_history)
     from trsr.llm.models import resolve
 
     resolve(lora.model)  # an unknown model fails here, not inside a Ray actor
-    key = fingerprint(config, score_config.prompt, lora.model, prepared, summaries_fp, experiment.seed)
-    manifest_path = storage.join(folder, "_manifest.json")
+    settings = config.model_dump(mode="json", exclude={"workers", "cpus_per_worker", "use_gpu", "text_actors", "max_failures", "log_every"})
+    key = fingerprint(settings, score_config.prompt, lora.model, prepared, summaries_fp, experiment.seed, LAYOUT)
     result_path = storage.join(folder, "result.json")
-    if not force and storage.exists(manifest_path) and storage.exists(result_path):
-        if storage.read_json(manifest_path).get("fingerprint") == key:
-            return dict(storage.read_json(result_path), skipped=True)
+    if not force and stage.is_complete(key) and storage.exists(result_path):
+        return dict(storage.read_json(result_path), skipped=True)
 
     started = time.perf_counter()
-    items = storage.read_parquet(run.items())
-    summaries = load_summaries(run.root, score_config.prompt.mode) if score_config.prompt.mode else None
-    train_lists = first_lists_by_user(
-        build_lists(storage.read_parquet(run.samples("train")), items, summaries, score_config.prompt.k),
-        config.max_lists,
-    )
-    if train_lists.num_rows == 0:
-        raise TrsrError(f"{run.samples('train')}: no training lists")
-    texts = build_texts(train_lists, score_config, lora.model, config.texts_per_batch)
-    examples_path = storage.join(folder, "examples.parquet")
-    storage.write_parquet(texts, examples_path)
-    statuses = Counter(train_lists.column("summary_status").to_pylist())
+    texts = texts_job(experiment, lora.model)
+    texts_stats = run_stage(texts, experiment.runner, force=force)
+    if texts_stats.get("examples", 0) == 0:
+        raise TrsrError(f"{run.lists('train')}: no training lists")
 
     valid_fn = None
     valid_lists = 0
     if config.valid_lists:
-        valid = first_lists_by_user(
-            build_lists(storage.read_parquet(run.samples("valid")), items, summaries, score_config.prompt.k),
-            config.valid_lists,
-        )
+        valid = validation_lists(experiment, config.valid_lists)
         valid_lists = valid.num_rows
         if valid_lists:
             valid_fn = ValidateAdapter(score_config, valid, experiment.seed)
@@ -236,25 +278,25 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
             lora = lora.model_copy(update={"valid_metric": None})
 
     lora = lora.model_copy(update={"seed": experiment.seed + lora.seed})
-    examples = list(zip(texts.column("text").to_pylist(), texts.column("answer_start").to_pylist()))
     # Grouped by list: the candidates of a list share the user part of the prompt.
-    groups = texts.column("list_id").to_pylist()
-    summary = train_lora(lora, examples, valid_fn, storage_path=folder, resume=not force, groups=groups)
+    summary = train_lora(
+        lora, texts.folder.path, valid_fn, storage_path=folder, resume=not force, group_column="list_id"
+    )
     result = {
         "method": method,
         "variant": score_config.prompt.variant,
         "model": lora.model,
-        "examples": texts.num_rows,
-        "lists": train_lists.num_rows,
-        "summary_status": dict(sorted(statuses.items())),
+        "examples": texts_stats["examples"],
+        "lists": texts_stats["lists"],
+        "summary_status": dict(sorted(texts_stats.get("summary_status", {}).items())),
         "valid_lists": valid_lists,
-        "examples_path": examples_path,
+        "examples_path": texts.folder.path,
         "seconds": round(time.perf_counter() - started, 2),
-        **{k: v for k, v in summary.items() if k != "run_dir"},
+        **{k: v for k, v in summary.items() if k not in ("run_dir", "examples")},
         "lora_dir": summary["run_dir"],
     }
     storage.write_json(result, result_path)
-    storage.write_json({"stage": f"{STAGE}/{method}", "fingerprint": key, "finished_at": time.time()}, manifest_path)
+    stage.finish(key, texts_stats, method=method)
     return dict(result, skipped=False)
 
 

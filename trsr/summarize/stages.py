@@ -1,15 +1,16 @@
 """The batch stages of summarization: plain classes over Arrow batches (no Ray inside).
 
-Each row is one user's state, carried from stage to stage:
-
-    user_id, split, items, blocks (numbered item text per block), nodes (summaries of
-    the current level, or [the running summary]), intermediates (every summary made so
-    far with its level/step and index), tokens_in, tokens_out, calls, retries, status
+Each row is one ranking list's user and its summarization state (STATE), carried from
+step to step: the list's columns, items, blocks (numbered item text per block), nodes
+(summaries of the current level, or [the running summary]), intermediates (every
+summary made so far with its level/step and index), tokens_in, tokens_out, calls,
+retries, status.
 
 `RenderBlocks` (CPU, tokenizer only) cuts each history into blocks and fits them to
 the token budget. `SummarizeStage` runs one or more hierarchical levels or recurrent
-steps for a whole batch of users with one batched engine call per level/step. A job
-hands these classes to Ray Data `map_batches`; a unit test calls them directly.
+steps for a whole batch of users with one batched engine call per level/step.
+`Finalize` turns the state into SUMMARIES rows. A job hands these classes to the stage
+runner (trsr.runner); a unit test calls them directly.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from trsr.data.schema import INTERMEDIATE, LISTS, SUMMARIES
 from trsr.summarize.checks import check_generation, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize.prompts import PromptSet, load_prompts
@@ -31,24 +34,24 @@ MODES = (HIERARCHICAL, RECURRENT)
 
 OK = "ok"
 PROMPT_TOO_LONG = "prompt_too_long"
+MISSING = "missing"  # not summarized: beyond summarize.max_users
 
-INTERMEDIATE = pa.struct([("step", pa.int32()), ("index", pa.int32()), ("text", pa.string())])
-
+# The summarization state of one ranking list's user, carried from step to step: the
+# list's own columns (passed through to the summaries) and the work so far.
 STATE = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("split", pa.string()),
-        ("items", pa.int32()),
-        ("blocks", pa.list_(pa.string())),
-        ("nodes", pa.list_(pa.string())),
-        ("intermediates", pa.list_(INTERMEDIATE)),
-        ("tokens_in", pa.int64()),
-        ("tokens_out", pa.int64()),
-        ("calls", pa.int32()),
-        ("retries", pa.int32()),
-        ("shortened_blocks", pa.int32()),
-        ("trimmed", pa.int32()),
-        ("status", pa.string()),
+    list(LISTS)
+    + [
+        pa.field("items", pa.int32()),
+        pa.field("blocks", pa.list_(pa.string())),  # numbered item lines per block
+        pa.field("nodes", pa.list_(pa.string())),  # summaries of the current level / [running summary]
+        pa.field("intermediates", pa.list_(INTERMEDIATE)),
+        pa.field("tokens_in", pa.int64()),
+        pa.field("tokens_out", pa.int64()),
+        pa.field("calls", pa.int32()),
+        pa.field("retries", pa.int32()),
+        pa.field("shortened_blocks", pa.int32()),
+        pa.field("trimmed", pa.int32()),
+        pa.field("status", pa.string()),
     ]
 )
 
@@ -75,18 +78,23 @@ def steps_needed(mode: str, max_blocks: int, fan_in: int | None) -> int:
 
 
 class RenderBlocks:
-    """History item ids -> blocks of numbered item lines that fit the prompt budget.
+    """Ranking lists (LISTS rows) -> the state of each user: history item ids -> blocks
+    of numbered item lines that fit the prompt budget.
 
     The budget reserves room for the generated text and, for recurrent updates, for
     the previous summary, so every later prompt built from these blocks fits too.
+    `caps` (split -> lists to summarize, None = all): a list whose list_index is at or
+    beyond its split's cap is passed on unsummarized (status "missing").
     """
 
-    def __init__(self, config: SummarizeConfig, items: dict[str, list[dict[str, str]]] | str):
+    def __init__(self, config: SummarizeConfig, items, caps: dict[str, int | None] | None = None):
+        from trsr.data.catalogue import Catalogue
         from trsr.llm.chat import count_tokens, load_tokenizer, render_chat, user_message
 
         self.config = config
+        self.caps = caps or {}
         # A path (items.parquet) lets each Ray actor load the catalogue itself.
-        self.items = load_item_attributes(items) if isinstance(items, str) else items
+        self.items = Catalogue.load(items) if isinstance(items, str) else Catalogue.from_mapping(items)
         self.prompts = load_prompts(config.domain, config.prompts_file)
         tokenizer = load_tokenizer(config.engine.model)
         self._count = lambda text: count_tokens(tokenizer, [render_chat(tokenizer, user_message(text))])[0]
@@ -94,27 +102,30 @@ class RenderBlocks:
         self.budget = config.engine.max_model_len - 2 * generated
         # The longest previous summary an update prompt can carry: max_new_tokens.
         self._placeholder_summary = " ".join(["word"] * generated)
-        self.attribute_names = {a["name"] for attrs in self.items.values() for a in attrs}
+        self.attribute_names = self.items.attribute_names
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = []
-        for user_id, split, history in zip(
-            batch.column("user_id").to_pylist(),
-            batch.column("split").to_pylist(),
-            batch.column("history").to_pylist(),
-        ):
-            rows.append(self.render_user(user_id, split, history))
+        for row in batch.select(LISTS.names).to_pylist():
+            cap = self.caps.get(row["split"])
+            if cap is not None and row["list_index"] >= cap:
+                state = new_state(row)
+                state["status"] = MISSING
+                rows.append(state)
+            else:
+                rows.append(self.render_user(row))
         return pa.Table.from_pylist(rows, schema=STATE)
 
-    def render_user(self, user_id: str, split: str, history: list[str]) -> dict[str, Any]:
-        missing = [item for item in history if item not in self.items]
+    def render_user(self, row: dict[str, Any]) -> dict[str, Any]:
+        history = row["history"]
+        missing = self.items.missing(history)
         if missing:
             # Prepared data only holds catalogue items; this guards hand-made inputs.
-            raise KeyError(f"user {user_id}: history item(s) {missing[:5]} not in items.parquet")
-        state = new_state(user_id, split, len(history))
+            raise KeyError(f"user {row['user_id']}: history item(s) {missing[:5]} not in items.parquet")
+        state = new_state(row)
         blocks = []
         for block in blocks_of(history, self.config.block_size):
-            attributes = [self.items[item] for item in block]
+            attributes = self.items.attributes(block)
 
             def build(caps, attributes=attributes) -> str:
                 return self.prompts.update_prompt(self._placeholder_summary, render_items(attributes, caps))
@@ -138,23 +149,51 @@ class RenderBlocks:
         return state
 
 
+class Finalize:
+    """Summarization state -> SUMMARIES rows (the last node is the user's summary)."""
+
+    def __init__(self, mode: str, model: str, template_hash: str, seed: int):
+        self.mode, self.model, self.template_hash, self.seed = mode, model, template_hash, seed
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        nodes = batch.column("nodes").to_pylist()
+        statuses = batch.column("status").to_pylist()
+        summaries = [
+            None if status in (MISSING, PROMPT_TOO_LONG) or not node else node[0]
+            for node, status in zip(nodes, statuses)
+        ]
+        columns = {name: batch.column(name) for name in LISTS.names}
+        columns.update(
+            mode=pa.array([self.mode] * n, pa.string()),
+            summary=pa.array(summaries, pa.string()),
+            status=batch.column("status"),
+            intermediates=batch.column("intermediates"),
+            items=batch.column("items"),
+            blocks=pc.list_value_length(batch.column("blocks")).cast(pa.int32()),
+            tokens_in=batch.column("tokens_in"),
+            tokens_out=batch.column("tokens_out"),
+            calls=batch.column("calls"),
+            retries=batch.column("retries"),
+            shortened_blocks=batch.column("shortened_blocks"),
+            trimmed=batch.column("trimmed"),
+            model=pa.array([self.model] * n, pa.string()),
+            template_hash=pa.array([self.template_hash] * n, pa.string()),
+            seed=pa.array([self.seed] * n, pa.int64()),
+        )
+        return pa.Table.from_pydict(columns, schema=SUMMARIES)
+
+
 def retry_reminder(max_new_tokens: int) -> str:
     words = max(10, int(max_new_tokens * 0.5))
     return f"\n\nAnswer in plain sentences, at most {words} words, describing the user."
 
 
-def load_item_attributes(path: str) -> dict[str, list[dict[str, str]]]:
-    from trsr import storage
-
-    table = storage.read_parquet(path)
-    return dict(zip(table.column("item_id").to_pylist(), table.column("attributes").to_pylist()))
-
-
-def new_state(user_id: str, split: str, items: int) -> dict[str, Any]:
-    return dict(
-        user_id=user_id,
-        split=split,
-        items=items,
+def new_state(row: dict[str, Any]) -> dict[str, Any]:
+    """The empty state of a LISTS row (its columns carried along)."""
+    state = {name: row[name] for name in LISTS.names}
+    state.update(
+        items=len(row["history"]),
         blocks=[],
         nodes=[],
         intermediates=[],
@@ -166,6 +205,7 @@ def new_state(user_id: str, split: str, items: int) -> dict[str, Any]:
         trimmed=0,
         status=OK,
     )
+    return state
 
 
 @dataclass
@@ -214,7 +254,7 @@ class SummarizeStage:
         next_nodes: dict[int, list[str | None]] = {}
         fan_in = self.config.fan_in
         for r, row in enumerate(rows):
-            if row["status"] == PROMPT_TOO_LONG:
+            if row["status"] in (PROMPT_TOO_LONG, MISSING):
                 continue
             if level == 0:
                 next_nodes[r] = [None] * len(row["blocks"])
@@ -239,7 +279,7 @@ class SummarizeStage:
         jobs: list[_Job] = []
         next_nodes: dict[int, list[str | None]] = {}
         for r, row in enumerate(rows):
-            if row["status"] == PROMPT_TOO_LONG or step >= len(row["blocks"]):
+            if row["status"] in (PROMPT_TOO_LONG, MISSING) or step >= len(row["blocks"]):
                 continue  # finished early: its summary stays as it is
             block = row["blocks"][step]
             if step == 0:
