@@ -79,29 +79,32 @@ def experiment(args, variant: str):
 
 
 def ranking_lists(args):
+    import pyarrow as pa
+
     from trsr import storage
     from trsr.data.prepare import prepare
-    from trsr.recommend.score import build_lists
+    from trsr.recommend.lists import AttachItems
     from trsr.runs import RunFolder
 
     base = experiment(args, "hierarchical")
     prepare(base)
     run = RunFolder(base.run_dir)
-    samples = storage.read_parquet(run.samples("test"))
-    items = storage.read_parquet(run.items())
+    lists = storage.read_parquet(run.lists("test")).slice(0, args.lists)
     summary = " ".join((SUMMARY_WORDS * (args.summary_words // len(SUMMARY_WORDS) + 1))[: args.summary_words])
-    users = {(u, s): (summary, "ok") for u, s in zip(samples.column("user_id").to_pylist(), samples.column("split").to_pylist())}
-    llm = build_lists(samples, items, users, 3).slice(0, args.lists)
-    tallrec = build_lists(samples, items, None, None).slice(0, args.lists)
+    with_summary = lists.append_column("summary", pa.array([summary] * lists.num_rows)).append_column(
+        "status", pa.array(["ok"] * lists.num_rows)
+    )
+    llm = AttachItems(run.items(), 3, uses_summary=True)(with_summary)
+    tallrec = AttachItems(run.items(), None, uses_summary=False)(lists)
     return base, llm, tallrec
 
 
 def requests_of(stage, lists) -> list[tuple[str, list[str]]]:
-    from trsr.recommend.score import usable_summary
+    from trsr.recommend.lists import usable_summary
 
     out = []
     for row in lists.to_pylist():
-        summary = usable_summary(row["summary"], row["summary_status"], stage.config.prompt)
+        summary = usable_summary(row["summary"], row["summary_status"], stage.config.prompt.has_summary)
         prompt = stage.builder.fit(summary, row["history"], row["candidate_attributes"])
         out.append((prompt.prefix, list(prompt.suffixes)))
     return out

@@ -11,7 +11,8 @@ level/step to the engine together) it measures, back to back:
 
     bare    build_engine() in this process (engine start, timed on its own), then the
             job's own batch classes, RenderBlocks and SummarizeStage, called directly
-            (no Ray) on the same users (select_users) with that engine: exactly the
+            (no Ray) on the same users (the prepared lists within summarize.max_users)
+            with that engine: exactly the
             engine.generate calls the job makes. Timed: engine start, render, the
             engine.generate calls alone ("bare engine"), and the whole in-process run.
             The engine is closed before the job starts (never two engines at once).
@@ -145,14 +146,22 @@ def run_bare(experiment) -> tuple[dict, dict]:
     import pyarrow.compute as pc
 
     from trsr.llm.engine import build_engine
+    from trsr import storage
     from trsr.runs import RunFolder
-    from trsr.summarize.job import finalize, select_users
+    from trsr.summarize.job import INPUT_SPLITS, split_caps
     from trsr.summarize.prompts import load_prompts
-    from trsr.summarize.stages import RenderBlocks, SummarizeStage, steps_needed
+    from trsr.summarize.stages import Finalize, RenderBlocks, SummarizeStage, steps_needed
 
     config = experiment.summarize
     run = RunFolder(experiment.run_dir)
-    users = select_users(run, config.max_users)
+    caps = split_caps(run, config.max_users)
+    parts = []
+    for split in INPUT_SPLITS:
+        table = storage.read_parquet(run.lists(split))
+        if caps[split] is not None:
+            table = table.filter(pc.less(table.column("list_index"), caps[split]))
+        parts.append(table)
+    users = pa.concat_tables(parts)
     longest = int(pc.max(pc.list_value_length(users.column("history"))).as_py() or 0)
     max_blocks = -(-longest // config.block_size)
     prompts = load_prompts(config.domain, config.prompts_file)
@@ -175,6 +184,7 @@ def run_bare(experiment) -> tuple[dict, dict]:
             generate_before, calls_before = timed.seconds, timed.calls
             mode_started = time.perf_counter()
             render = RenderBlocks(config, run.items())
+            finalize = Finalize(mode, config.engine.model, prompts.hash, experiment.seed)
             stages = [SummarizeStage(config, mode, s, seed=experiment.seed, engine=timed) for s in plan]
             render_seconds = 0.0
             parts = []
@@ -185,9 +195,9 @@ def run_bare(experiment) -> tuple[dict, dict]:
                 render_seconds += time.perf_counter() - t
                 for stage in stages:
                     state = stage(state)
-                parts.append(finalize(state, mode, config.engine.model, prompts.hash, experiment.seed))
+                parts.append(finalize(state))
             pipeline_seconds = time.perf_counter() - mode_started
-            table = pa.concat_tables(parts).sort_by("user_id")
+            table = pa.concat_tables(parts).sort_by("list_id")
             tables[mode] = table
             render_total += render_seconds
             pipeline_total += pipeline_seconds
@@ -241,7 +251,12 @@ def run_job(experiment) -> tuple[dict, dict]:
         breakdown = actor_breakdown(wall_start, wall_start + seconds)
     except Exception:  # noqa: BLE001 - the timeline is a diagnostic, not the measurement
         breakdown = {"error": _error()}
-    tables = {mode: read_summaries(experiment.run_dir, mode) for mode in experiment.summarize.modes}
+    tables = {
+        mode: read_summaries(experiment.run_dir, mode).filter(
+            pc.not_equal(read_summaries(experiment.run_dir, mode).column("status"), "missing")
+        )
+        for mode in experiment.summarize.modes
+    }
     modes = {}
     for mode, table in tables.items():
         s = stats["modes"][mode]

@@ -465,12 +465,13 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     resumed = folder.begin(job.fingerprint, force=force)
     started = time.perf_counter()
     init_ray()
-    for step in job.steps:
-        require_resources(
-            f"{job.name} ({step.name}: {step.actors} actor(s))",
-            gpus=step.num_gpus * step.actors,
-            cpus=step.num_cpus * step.actors,
-        )
+    # Every step's actor pool runs at the same time (a streaming pipeline).
+    plan = " + ".join(f"{step.name} {step.actors} x {step.num_gpus:g} GPU" for step in job.steps if step.num_gpus)
+    require_resources(
+        f"{job.name} ({plan or 'CPU only'})",
+        gpus=sum(step.num_gpus * step.actors for step in job.steps),
+        cpus=max(step.num_cpus * step.actors for step in job.steps),
+    )
     rows_in = count_rows(job.inputs, job.where)
     reused = _committed_rows(folder, job.id_column) if resumed else 0
     earlier = set(folder.data_files()) if resumed else set()
@@ -562,6 +563,7 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         "resumed": resumed,
         "seconds": round(seconds, 2),
         "rows_per_s": round(done / seconds, 3) if seconds and done else None,
+        **job.details,
         **output["stats"],
         # The same stats over the rows this run computed (the others were reused).
         "computed": {k: v for k, v in output["computed"].items() if k not in ("failed", "units")},

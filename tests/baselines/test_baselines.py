@@ -131,9 +131,10 @@ def test_up_to_date_models_are_skipped_and_embeddings_reused(trained):
     assert time.perf_counter() - started < 10 < first_seconds
     info = compute_embeddings(exp, exp.baselines.encoder)
     assert info["skipped"] is True and info["path"] == embeddings_path(exp.run_dir, "all-minilm-l6-v2")
-    items, matrix = load_embeddings(info["path"])
     catalogue = storage.read_parquet(RunFolder(exp.run_dir).items()).column("item_id").to_pylist()
+    items, matrix = load_embeddings(info["path"], order=catalogue)
     assert items == catalogue and matrix.shape == (len(catalogue), 384)
+    assert load_embeddings(info["path"])[0] == sorted(catalogue)
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
     # Another encoder setting is another fingerprint: not reused.
     other = exp.baselines.encoder.model_copy(update={"max_length": 16})

@@ -30,7 +30,7 @@ def test_prepare_writes_every_output_and_accounts_for_every_user(tmp_path):
     experiment = synthetic_experiment(tmp_path / "run", tmp_path / "data")
     stats = prepare(experiment)
     run = RunFolder(experiment.run_dir)
-    for path in [run.items(), run.sequences(), run.rejects("prepared"), run.stats("prepared")]:
+    for path in [run.items(), run.sequences(), run.rejects("prepared"), run.prepared_stage.stats_path]:
         assert storage.exists(path), path
     convert = stats["accounting"]["convert"]
     protocol = stats["accounting"]["protocol"]
@@ -43,6 +43,18 @@ def test_prepare_writes_every_output_and_accounts_for_every_user(tmp_path):
         lists = protocol["users_per_split"][split]
         assert samples.num_rows == lists * (negatives + 1)
         assert stats["table1"][f"positives_{split}"] == lists
+        # The same lists, one row each, in list_id order, numbered within the split.
+        rows = storage.read_parquet(run.lists(split)).to_pylist()
+        assert [r["list_id"] for r in rows] == sorted(set(samples.column("list_id").to_pylist()))
+        assert [r["list_index"] for r in rows] == list(range(lists))
+        by_list = {}
+        for sample in samples.sort_by([("list_id", "ascending"), ("position", "ascending")]).to_pylist():
+            by_list.setdefault(sample["list_id"], []).append(sample)
+        for row in rows:
+            members = by_list[row["list_id"]]
+            assert row["candidates"] == [m["candidate"] for m in members]
+            assert row["labels"] == [m["label"] for m in members]
+            assert row["history"] == members[0]["history"] and row["user_id"] == members[0]["user_id"]
     table1 = stats["table1"]
     assert table1["attributes"] == 3 and 10 <= table1["avg_history_length"] <= 25
 

@@ -22,7 +22,16 @@ def write_scores(run_dir, method, lists, scorer, split="test", size=21):
             rows.append(dict(list_id=f"{split}:{n:04d}", split=split, user_id=f"u{n}", candidate=f"N{c}",
                              label=label, score=float(scorer(n, c, label)), method=method))
     table = pa.Table.from_pylist(rows, schema=SCORES)
-    storage.write_parquet(table, storage.join(run_dir, "scores", method, f"{split}.parquet"))
+    write_complete(run_dir, method, split, table)
+
+
+def write_complete(run_dir, method, split, table):
+    """Scores as the score stage leaves them: a data file and the folder's manifest."""
+    from trsr.runs import RunFolder
+
+    folder = RunFolder(run_dir).scores(method, split)
+    storage.write_parquet(table, folder.join("part-0.parquet"))
+    folder.finish("by-hand", {})
 
 
 def experiment(run_dir, *extra):
@@ -83,11 +92,11 @@ def test_missing_scores_and_bad_files_fail_clearly(tmp_path):
     with pytest.raises(TrsrError, match="no scores for split 'test'; run `trsr score`"):
         evaluate(experiment(run))
     write_scores(run, "a", 5, lambda n, c, label: label)
-    with pytest.raises(TrsrError, match=r"scores/b/test.parquet: not found"):
+    with pytest.raises(TrsrError, match=r"scores/b/test: no complete scores"):
         evaluate(experiment(run, "evaluate.methods=[a, b]"))
     bad = pa.table({"list_id": ["x"], "score": [0.1]})
-    storage.write_parquet(bad, storage.join(run, "scores", "c", "test.parquet"))
-    with pytest.raises(TrsrError, match=r"scores/c/test.parquet: missing column\(s\)"):
+    write_complete(run, "c", "test", bad)
+    with pytest.raises(TrsrError, match=r"scores/c/test: missing column\(s\)"):
         evaluate(experiment(run))
 
 

@@ -78,7 +78,9 @@ def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
         epoch = trained["history"][0]
         assert epoch["computed_tokens"] < 0.75 * epoch["tokens"], epoch
         assert storage.exists(storage.join(trained["best_adapter"], "adapter_config.json"))
-        scores = storage.read_parquet(storage.join(run.root, "scores", method, "test.parquet"))
+        from trsr.recommend.score import read_scores
+
+        scores = read_scores(run.root, method, "test")
         assert scores.schema.equals(SCORES)
         assert set(scores.column("list_id").to_pylist()) == test_lists
         assert scores.num_rows == 21 * len(test_lists)
@@ -128,7 +130,7 @@ def test_stages_out_of_order_and_bad_configs_fail_clearly(tmp_path, tiny_model, 
     with pytest.raises(TrsrError, match=r"prepared/_manifest.json: not found; run `trsr data prepare`"):
         train(experiment)
     prepare(experiment)
-    with pytest.raises(TrsrError, match=r"summaries/hierarchical: not found; run `trsr summarize`"):
+    with pytest.raises(TrsrError, match=r"summaries/hierarchical/_manifest.json: not found; run `trsr summarize`"):
         train(experiment)
     with pytest.raises(TrsrError, match=r"train/tallrec/result.json: not found; run `trsr train`"):
         score(experiment.for_variant("tallrec"))

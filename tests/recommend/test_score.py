@@ -11,12 +11,10 @@ from trsr.errors import TrsrError
 from trsr.llm.engine import EngineConfig
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.prompt import SUMMARY_HEADER, encode
+from trsr.recommend.lists import PROMPT_LISTS, AttachItems
 from trsr.recommend.score import (
-    LISTS,
     STAGE_OUTPUT,
     ScoreStage,
-    build_lists,
-    check_complete,
     p_yes,
 )
 
@@ -29,7 +27,7 @@ def item(n, words=5):
 
 
 def lists_table(rows):
-    return pa.Table.from_pylist(rows, schema=LISTS)
+    return pa.Table.from_pylist(rows, schema=PROMPT_LISTS)
 
 
 def one_list(list_id, summary, status, history, candidates, labels):
@@ -151,69 +149,46 @@ def test_p_yes_is_stable():
     assert p_yes(-2.0, -2.0) == 0.5
 
 
-def samples_table():
-    rows = []
-    for user, history, candidates in (
-        ("u1", ["i1", "i2", "i3"], [("i4", 0), ("i5", 1), ("i6", 0)]),
-        ("u2", ["i2"], [("i7", 1), ("i1", 0)]),
-    ):
-        for position, (candidate, label) in enumerate(candidates):
-            rows.append(
-                dict(
-                    list_id=f"test:{user}",
-                    split="test",
-                    user_id=user,
-                    history=history,
-                    candidate=candidate,
-                    label=label,
-                    position=position,
-                )
-            )
-    rows.reverse()  # any input order
-    return pa.Table.from_pylist(rows, schema=SAMPLES)
+def lists_rows(with_summary: bool):
+    from trsr.data.schema import LISTS
+
+    rows = [
+        dict(list_id="test:u1", split="test", user_id="u1", list_index=0, history=["i1", "i2", "i3"],
+             candidates=["i4", "i5", "i6"], labels=[0, 1, 0]),
+        dict(list_id="test:u2", split="test", user_id="u2", list_index=1, history=["i2"],
+             candidates=["i7", "i1"], labels=[1, 0]),
+    ]
+    table = pa.Table.from_pylist(rows, schema=LISTS)
+    if with_summary:
+        table = table.append_column("summary", pa.array(["likes things", None])).append_column(
+            "status", pa.array(["ok", "missing"])
+        )
+    return table
 
 
-def items_table():
-    from trsr.data.schema import ITEMS
+def catalogue():
+    from trsr.data.catalogue import Catalogue
 
-    return pa.Table.from_pylist(
-        [{"item_id": f"i{n}", "attributes": item(n)} for n in range(1, 9)], schema=ITEMS
-    )
+    return Catalogue.from_mapping({f"i{n}": item(n) for n in range(1, 9)})
 
 
-def test_build_lists_groups_candidates_in_position_order():
-    summaries = {("u1", "test"): ("likes things", "ok"), ("u2", "valid"): ("other split", "ok")}
-    lists = build_lists(samples_table(), items_table(), summaries, history_items=2)
-    assert lists.schema.equals(LISTS)
-    rows = lists.to_pylist()
-    assert [r["list_id"] for r in rows] == ["test:u1", "test:u2"]
-    assert rows[0]["candidates"] == ["i4", "i5", "i6"] and rows[0]["labels"] == [0, 1, 0]
-    assert rows[0]["history"] == [item(2), item(3)]  # the 2 most recent
-    assert rows[0]["summary_status"] == "ok"
-    # A summary of another split is not this list's summary.
-    assert rows[1]["summary"] is None and rows[1]["summary_status"] == "missing"
-    tallrec = build_lists(samples_table(), items_table(), None, history_items=None)
+def test_attach_items_gives_the_prompt_its_texts():
+    rows = AttachItems(catalogue(), history_items=2, uses_summary=True)(lists_rows(True))
+    assert rows.schema.equals(PROMPT_LISTS)
+    first, second = rows.to_pylist()
+    assert first["candidates"] == ["i4", "i5", "i6"] and first["labels"] == [0, 1, 0]
+    assert first["candidate_attributes"] == [item(4), item(5), item(6)]
+    assert first["history"] == [item(2), item(3)]  # the 2 most recent, oldest first
+    assert (first["summary"], first["summary_status"]) == ("likes things", "ok")
+    assert (second["summary"], second["summary_status"]) == (None, "missing")
+    tallrec = AttachItems(catalogue(), history_items=None, uses_summary=False)(lists_rows(False))
     assert tallrec.column("summary_status").to_pylist() == ["unused", "unused"]
     assert len(tallrec.to_pylist()[0]["history"]) == 3
-    with pytest.raises(TrsrError, match="not in items.parquet"):
-        build_lists(samples_table(), items_table().slice(0, 3), None, None)
+    from trsr.data.catalogue import Catalogue
 
-
-def test_check_complete_catches_lost_and_duplicated_candidates():
-    lists = build_lists(samples_table(), items_table(), None, None)
-    good = pa.table(
-        {
-            "list_id": ["test:u1"] * 3 + ["test:u2"] * 2,
-            "candidate": ["i4", "i5", "i6", "i7", "i1"],
-            "label": pa.array([0, 1, 0, 1, 0], pa.int8()),
-            "score": [0.1, 0.9, 0.2, 0.6, 0.4],
-        }
-    )
-    check_complete(good, lists, "scores")
-    with pytest.raises(AssertionError, match=r"1 candidate\(s\) not scored \(lists \['test:u2'\]\)"):
-        check_complete(good.slice(0, 4), lists, "scores")
-    with pytest.raises(AssertionError, match=r"1 unexpected or duplicated"):
-        check_complete(pa.concat_tables([good, good.slice(0, 1)]), lists, "scores")
+    small = Catalogue.from_mapping({f"i{n}": item(n) for n in range(1, 4)})
+    with pytest.raises(KeyError, match="'i4' is not in the catalogue"):
+        AttachItems(small, history_items=None, uses_summary=False)(lists_rows(False))
 
 
 # ------------------------------------------------------------------- Ray Data job
@@ -225,7 +200,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     from trsr.data.prepare import load_samples, prepare
     from trsr.experiment import ExperimentConfig
     from trsr.recommend.score import read_scores, score
-    from trsr.summarize.job import SUMMARIES, summary_dir
+    from trsr.data.schema import SUMMARIES
     from trsr import storage
 
     experiment = load(
@@ -254,18 +229,23 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     samples = load_samples(run_dir, "test")
     users = sorted(set(samples.column("user_id").to_pylist()))
     assert len(users) >= 3
-    # Summaries for all test users but one; one of them flagged by the summarizer.
+    # Summaries: every list, all test users summarized but one ("missing"), one of them
+    # flagged by the summarizer ("empty"); written where `trsr summarize` writes them.
+    from trsr.runs import RunFolder
+
+    run = RunFolder(run_dir)
+    lists = pa.concat_tables([storage.read_parquet(run.lists(s)) for s in ("test", "valid", "train")])
     rows = []
-    for n, user in enumerate(users[1:]):
+    for n, row in enumerate(lists.to_pylist()):
+        status = "missing" if row["user_id"] == users[0] else ("empty" if row["user_id"] == users[1] else "ok")
         rows.append(
-            dict(user_id=user, split="test", mode="hierarchical", summary=f"User {user} likes topic {n}.",
+            dict(row, mode="hierarchical", summary=None if status == "missing" else f"User likes topic {n}.",
                  intermediates=[], items=4, blocks=1, tokens_in=0, tokens_out=0, calls=1, retries=0,
-                 shortened_blocks=0, trimmed=0, status="empty" if n == 0 else "ok", model="x",
-                 template_hash="h", seed=0)
+                 shortened_blocks=0, trimmed=0, status=status, model="x", template_hash="h", seed=0)
         )
-    storage.write_parquet(
-        pa.Table.from_pylist(rows, schema=SUMMARIES), storage.join(summary_dir(run_dir, "hierarchical"), "part-0.parquet")
-    )
+    folder = run.summaries("hierarchical")
+    storage.write_parquet(pa.Table.from_pylist(rows, schema=SUMMARIES), folder.join("part-0.parquet"))
+    folder.finish("made-by-hand", {})
 
     stats = score(experiment, "test")["test"]
     table = read_scores(run_dir, "llm-trsr-hierarchical", "test")
@@ -281,6 +261,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     assert stats["lists"] == stats["lists_in_split"] == len(lists)
     assert stats["lists_without_summary"] == 2  # one missing, one flagged "empty"
     assert stats["summary_status"] == {"empty": 1, "missing": 1, "ok": len(users) - 2}
-    assert stats["skipped"] is False
+    assert stats["skipped"] is False and stats["rows_computed"] == len(lists)
+    assert stats["candidates"] == table.num_rows
     # Up to date: a second call skips.
     assert score(experiment, "test")["test"]["skipped"] is True

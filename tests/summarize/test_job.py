@@ -6,7 +6,7 @@ import pytest
 from trsr.config import load
 from trsr.data.prepare import prepare
 from trsr.experiment import ExperimentConfig
-from trsr.summarize.job import read_summaries, summarize
+from trsr.summarize.job import read_summaries, storage_rows, summarize
 
 pytestmark = pytest.mark.integration
 
@@ -61,15 +61,25 @@ def link_prepared(prepared, name):
     shutil.copytree(prepared / "run" / "prepared", prepared / name / "prepared")
 
 
+def summarized(table):
+    return table.filter(pc.not_equal(table.column("status"), "missing"))
+
+
 def test_per_step_job_on_transformers_accounts_for_every_user(prepared, tiny_model, ray_local):
     link_prepared(prepared, "hf")
     config = tiny(prepared, tiny_model, "hf", "summarize.execution=per_step")
     stats = summarize(config)
+    lists = sum(storage_rows(str(prepared / "hf" / "prepared" / "lists" / f"{s}.parquet")) for s in ("train", "valid", "test"))
     for mode in ("hierarchical", "recurrent"):
-        table = read_summaries(str(prepared / "hf"), mode)
+        everyone = read_summaries(str(prepared / "hf"), mode)
+        # Every prepared list is in the output, once; max_users of them are summarized.
+        assert everyone.column("list_id").to_pylist() == sorted(set(everyone.column("list_id").to_pylist()))
+        assert everyone.num_rows == lists == stats["modes"][mode]["rows_in"]
+        table = summarized(everyone)
         users = table.column("user_id").to_pylist()
-        assert len(users) == len(set(users)) == 10 == stats["modes"][mode]["users"]
+        assert len(users) == len(set(users)) == 10 == stats["modes"][mode]["summarized"]
         assert set(pc.unique(table.column("mode")).to_pylist()) == {mode}
+        assert stats["modes"][mode]["rows_computed"] == lists and stats["modes"][mode]["rows_failed"] == 0
         for row in table.to_pylist():
             blocks = -(-row["items"] // 3)
             assert row["blocks"] == blocks
@@ -80,7 +90,8 @@ def test_per_step_job_on_transformers_accounts_for_every_user(prepared, tiny_mod
                 assert steps.count(0) == blocks
             assert row["status"] in ("ok", "empty", "repetitive", "echo", "over_length")
             assert row["template_hash"] and row["model"] == tiny_model
-        assert sum(stats["modes"][mode]["status"].values()) == 10
+        assert sum(n for status, n in stats["modes"][mode]["status"].items() if status != "missing") == 10
+        assert stats["modes"][mode]["calls"] == sum(table.column("calls").to_pylist())
     # Test users come first when max_users limits the run.
     from trsr.data.prepare import load_samples
 
@@ -101,8 +112,8 @@ def test_vllm_fused_job_matches_transformers(prepared, tiny_model, ray_local):
         "summarize.modes=[hierarchical]",
     )
     summarize(config)
-    vllm = read_summaries(str(prepared / "vllm"), "hierarchical")
-    hf = read_summaries(str(prepared / "hf"), "hierarchical")
+    vllm = summarized(read_summaries(str(prepared / "vllm"), "hierarchical"))
+    hf = summarized(read_summaries(str(prepared / "hf"), "hierarchical"))
     assert vllm.column("user_id").to_pylist() == hf.column("user_id").to_pylist()
     # Greedy decoding (retries too) on the same prompts: the same text on both engines.
     same = sum(a == b for a, b in zip(vllm.column("summary").to_pylist(), hf.column("summary").to_pylist()))
@@ -121,7 +132,7 @@ def test_default_model_writes_readable_summaries(prepared, ray_local):
     )
     stats = summarize(config)
     for mode in ("hierarchical", "recurrent"):
-        table = read_summaries(str(prepared / "smol"), mode)
+        table = summarized(read_summaries(str(prepared / "smol"), mode))
         assert table.num_rows == 3
         for summary in table.column("summary").to_pylist():
             words = summary.split()
@@ -140,26 +151,21 @@ def test_asking_for_gpus_the_cluster_lacks_fails_fast(prepared, tiny_model, ray_
     config = tiny(prepared, tiny_model, "gpu", "summarize.engine.num_gpus=1")
     started = time.perf_counter()
     # per_step: every level's stage holds its own GPU actor, all of them at once.
-    with pytest.raises(ConfigError, match=r"engine stage\(s\) x 1 actor\(s\)\) needs \d GPU\(s\) but the Ray cluster has 0"):
+    with pytest.raises(ConfigError, match=r"SummarizeStage 1 x 1 GPU \+ SummarizeStage 1 x 1 GPU.*needs \d GPU\(s\) but the Ray cluster has 0"):
         summarize(config)
     assert time.perf_counter() - started < 30
 
 
-def test_max_users_per_split_caps_each_split_in_user_order(prepared):
+def test_max_users_caps_each_split_or_fills_test_first(prepared):
+    from trsr.errors import ConfigError
     from trsr.runs import RunFolder
-    from trsr.summarize.job import select_users
+    from trsr.summarize.job import split_caps
 
     run = RunFolder(str(prepared / "run"))
-    everyone = select_users(run, None)
-    counts = {s: everyone.column("split").to_pylist().count(s) for s in ("test", "valid", "train")}
-    picked = select_users(run, {"test": None, "valid": 0, "train": 3})
-    splits = picked.column("split").to_pylist()
-    assert splits == ["test"] * counts["test"] + ["train"] * 3
-    train_users = sorted(u for u, s in zip(everyone.column("user_id").to_pylist(), everyone.column("split").to_pylist()) if s == "train")
-    assert picked.column("user_id").to_pylist()[-3:] == train_users[:3]
-    # A total cap takes test users first.
-    assert select_users(run, 2).column("split").to_pylist() == ["test", "test"]
-    from trsr.errors import ConfigError
-
+    rows = {s: storage_rows(run.lists(s)) for s in ("test", "valid", "train")}
+    assert split_caps(run, None) == {"train": None, "valid": None, "test": None}
+    assert split_caps(run, {"test": None, "valid": 0, "train": 3}) == {"train": 3, "valid": 0, "test": None}
+    # A total takes test lists first, then valid, then train.
+    assert split_caps(run, rows["test"] + 2) == {"test": rows["test"], "valid": 2, "train": 0}
     with pytest.raises(ConfigError, match="max_users must be positive"):
         experiment(prepared / "x", prepared / "data", "summarize.max_users={train: -1}")

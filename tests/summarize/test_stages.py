@@ -3,10 +3,13 @@
 import pyarrow as pa
 import pytest
 
+from trsr.data.schema import LISTS, SUMMARIES
 from trsr.llm.engine import EngineConfig
 from trsr.summarize.config import GenerationConfig, SummarizeConfig
 from trsr.summarize.stages import (
+    MISSING,
     PROMPT_TOO_LONG,
+    Finalize,
     RenderBlocks,
     SummarizeStage,
     steps_needed,
@@ -21,10 +24,15 @@ ITEMS = {
 }
 USERS = pa.table(
     {
-        "user_id": ["a", "b", "c"],
+        "list_id": ["test:a", "train:b", "valid:c"],
         "split": ["test", "train", "valid"],
+        "user_id": ["a", "b", "c"],
+        "list_index": [0, 0, 0],
         "history": [[f"n{k}" for k in range(3)], [f"n{k}" for k in range(3, 10)], [f"n{k}" for k in range(10, 22)]],
-    }
+        "candidates": [["n30", "n31"], ["n32", "n33"], ["n34", "n35"]],
+        "labels": [[1, 0], [0, 1], [1, 0]],
+    },
+    schema=LISTS,
 )
 
 
@@ -163,3 +171,21 @@ def test_long_attributes_are_shortened_to_fit(tiny_model):
     assert sum(r["shortened_blocks"] for r in rows) == 7
     assert all(b.count("\n") == len(b.splitlines()) - 1 for r in rows for b in r["blocks"])
     assert "Headline number 21 " in rows[2]["blocks"][-1]
+
+
+def test_lists_beyond_the_cap_pass_unsummarized_and_finalize_keeps_every_list(tiny_model, hf_engine):
+    config = make_config(tiny_model)
+    # A cap of 0 train lists: user b is carried along, never summarized.
+    state = RenderBlocks(config, ITEMS, caps={"train": 0, "test": None, "valid": None})(USERS)
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=3, engine=hf_engine)(state)
+    rows = {r["user_id"]: r for r in state.to_pylist()}
+    assert rows["b"]["status"] == MISSING and rows["b"]["calls"] == 0 and rows["b"]["blocks"] == []
+    assert rows["a"]["calls"] >= 1 and rows["c"]["calls"] >= 4
+    out = Finalize("recurrent", "tiny", "hash", 3)(state)
+    assert out.schema.equals(SUMMARIES)
+    summaries = {r["user_id"]: r for r in out.to_pylist()}
+    assert summaries["b"]["summary"] is None and summaries["b"]["status"] == MISSING
+    assert summaries["c"]["summary"] == rows["c"]["nodes"][0] and summaries["c"]["blocks"] == 4
+    # The list itself travels with the summary (what scoring and training read).
+    assert summaries["c"]["candidates"] == ["n34", "n35"] and summaries["c"]["labels"] == [1, 0]
+    assert out.column("list_id").to_pylist() == USERS.column("list_id").to_pylist()

@@ -188,8 +188,9 @@ def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, fo
     return info
 
 
-def load_embeddings(path: str) -> tuple[list[str], np.ndarray]:
-    """(item ids, float32 matrix [items, dim]) from an embeddings folder (sorted by id)."""
+def load_embeddings(path: str, order: list[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(item ids, float32 matrix [items, dim]) from an embeddings folder, in the order
+    of `order` (e.g. the catalogue's; ids not encoded are left out), else by id."""
     from trsr.runs import StageFolder
 
     table = StageFolder(path, "embeddings").read(columns=["item_id", "embedding", "error"])
@@ -197,6 +198,9 @@ def load_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     if failed.num_rows:
         raise TrsrError(f"{path}: {failed.num_rows} item(s) could not be encoded; see {path}/_rejects.parquet")
     table = table.sort_by("item_id")
+    if order is not None:
+        position = {item: i for i, item in enumerate(table.column("item_id").to_pylist())}
+        table = table.take(pa.array([position[item] for item in order if item in position], pa.int64()))
     column = table.column("embedding").combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
     return table.column("item_id").to_pylist(), values.reshape(table.num_rows, -1)

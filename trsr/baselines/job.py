@@ -141,7 +141,8 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
     embedding_info = None
     if any(m in NEURAL_MODELS for m in todo):
         embedding_info = compute_embeddings(experiment, config.encoder)
-        item_ids, matrix = load_embeddings(embedding_info["path"])
+        catalogue = storage.read_parquet(run.items(), columns=["item_id"]).column("item_id").to_pylist()
+        item_ids, matrix = load_embeddings(embedding_info["path"], order=catalogue)
         matrix = np.concatenate([np.zeros((1, matrix.shape[1]), dtype=np.float32), matrix])
     else:
         item_ids = storage.read_parquet(run.items(), columns=["item_id"]).column("item_id").to_pylist()

@@ -143,7 +143,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
         columns=list(LISTS.names),
         unit="users",
         block_stats=_block_stats,
-        details={"mode": mode, "levels_or_steps": steps, "engine_stages": len(plan)},
+        details={"mode": mode, "steps": steps, "engine_stages": len(plan)},
     )
 
 
