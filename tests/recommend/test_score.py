@@ -221,6 +221,8 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
             "score.engine.dtype=float32",
             "score.prompt.max_length=1024",
             "score.users_per_batch=2",
+            "prepare.protocol.users={train: 0.6, valid: 0.2, test: 0.2}",
+            "runner.max_failed_share=0.2",
             "train.enabled=false",  # the base (tiny) model scores
         ],
     )
@@ -228,9 +230,10 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     run_dir = str(tmp_path / "run")
     samples = load_samples(run_dir, "test")
     users = sorted(set(samples.column("user_id").to_pylist()))
-    assert len(users) >= 3
+    assert len(users) >= 6
     # Summaries: every list, all test users summarized but one ("missing"), one of them
     # flagged by the summarizer ("empty"); written where `trsr summarize` writes them.
+    # One list is poisoned: a candidate the catalogue does not know.
     from trsr.runs import RunFolder
 
     run = RunFolder(run_dir)
@@ -238,6 +241,8 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     rows = []
     for n, row in enumerate(lists.to_pylist()):
         status = "missing" if row["user_id"] == users[0] else ("empty" if row["user_id"] == users[1] else "ok")
+        if row["user_id"] == users[2]:
+            row["candidates"] = ["N-unknown"] + row["candidates"][1:]
         rows.append(
             dict(row, mode="hierarchical", summary=None if status == "missing" else f"User likes topic {n}.",
                  intermediates=[], items=4, blocks=1, tokens_in=0, tokens_out=0, calls=1, retries=0,
@@ -250,18 +255,26 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     stats = score(experiment, "test")["test"]
     table = read_scores(run_dir, "llm-trsr-hierarchical", "test")
     assert table.schema.equals(SCORES)
-    lists = sorted(set(samples.column("list_id").to_pylist()))
+    poisoned = f"test:{users[2]}"
+    everything = sorted(set(samples.column("list_id").to_pylist()))
+    lists = [lid for lid in everything if lid != poisoned]
     assert sorted(set(table.column("list_id").to_pylist())) == lists
+    samples = samples.filter(pc.not_equal(samples.column("list_id"), poisoned))
     assert table.num_rows == samples.num_rows == 21 * len(lists)
     expected = sorted(zip(samples.column("list_id").to_pylist(), samples.column("candidate").to_pylist()))
     assert sorted(zip(table.column("list_id").to_pylist(), table.column("candidate").to_pylist())) == expected
     assert pc.all(pc.and_(pc.greater(table.column("score"), 0), pc.less(table.column("score"), 1))).as_py()
     positives = table.filter(pc.equal(table.column("label"), 1))
     assert sorted(positives.column("list_id").to_pylist()) == lists  # one positive per list
-    assert stats["lists"] == stats["lists_in_split"] == len(lists)
+    assert stats["lists"] == len(lists) and stats["lists_in_split"] == len(everything)
     assert stats["lists_without_summary"] == 2  # one missing, one flagged "empty"
-    assert stats["summary_status"] == {"empty": 1, "missing": 1, "ok": len(users) - 2}
-    assert stats["skipped"] is False and stats["rows_computed"] == len(lists)
+    assert stats["summary_status"] == {"empty": 1, "missing": 1, "ok": len(users) - 3}
+    assert stats["skipped"] is False and stats["rows_computed"] == len(everything)
     assert stats["candidates"] == table.num_rows
+    # The poisoned list went to the rejects with its reason; the others were scored.
+    assert stats["rows_failed"] == stats["rejects"] == 1
+    rejects = storage.read_parquet(run.scores("llm-trsr-hierarchical", "test").rejects)
+    assert rejects.column("raw").to_pylist() == [poisoned] and rejects.column("user_id").to_pylist() == [users[2]]
+    assert "'N-unknown' is not in the catalogue" in rejects.column("reason")[0].as_py()
     # Up to date: a second call skips.
     assert score(experiment, "test")["test"]["skipped"] is True

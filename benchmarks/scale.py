@@ -1,0 +1,368 @@
+"""Scale of the streaming stages: rows/s, driver memory and driver CPU as users grow.
+
+    python benchmarks/scale.py                                   # all three parts
+    python benchmarks/scale.py --part real --users 2000 20000    # vLLM CPU, tiny model
+    python benchmarks/scale.py --part datapath --users 100000 1000000
+    python benchmarks/scale.py --part prepare --users 1000000
+
+Two parts, each stage run at two sizes, each size in a fresh process (its own Ray
+cluster; peak memory of that process only):
+
+    real       the vLLM CPU engine with a tiny random-weight Llama (2 layers, hidden 128,
+               head_dim 64; the SmolLM2 tokenizer): summarize (hierarchical and
+               recurrent, fused) + score (1:20 lists, the hierarchical variant)
+    datapath   the same stages with FIXED-ANSWER ENGINES defined in this file (a fixed
+               short summary, fixed yes/no log-probabilities, no model), so that what is
+               measured is Ray Data, the prompt building in the stage actors, Parquet
+               I/O and the driver; they are never used outside this benchmark
+
+Per stage: rows (users or lists) and rows/s; the driver's peak RSS while the stage
+ran (sampled every 0.1 s) and its CPU seconds (all threads) per 1,000 rows; the object
+store bytes spilled to disk (Ray's memory summary, before -> after). The data (a
+synthetic MIND-format set: histories of 10-25 news, every user in the test split with
+20 negatives) is prepared once per size under benchmarks/results/cache/scale/
+(git-ignored); `prepare` measures that step (it runs in the driver by design) on its
+own: seconds and peak RSS.
+
+Targets (data-path issue): at the larger size of a part, the driver's peak RSS within
+1.2x of the smaller size's, and driver CPU-seconds per user within 1.25x.
+
+Prints a table and writes benchmarks/results/scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+CACHE = RESULTS / "cache" / "scale"
+OUTPUT = RESULTS / "scale.json"
+DEFAULT_SIZES = {"real": [2000, 20000], "datapath": [100000, 1000000], "prepare": [1000000]}
+RSS_TARGET, CPU_TARGET = 1.2, 1.25
+FIXED_SUMMARY = "The user reads about sports, politics and travel, mostly recent headlines."
+
+
+# ----------------------------------------------------------------- fixed-answer engines
+
+
+def fixed_engine(config):
+    """An Engine that answers at once: FIXED_SUMMARY for every prompt and the same yes/no
+    log-probabilities for every candidate. The tokenizer is real (the stages count
+    tokens to fit prompts)."""
+    from trsr.llm.engine import Engine, Generation
+
+    class FixedAnswerEngine(Engine):
+        def __init__(self, config):
+            from transformers import AutoTokenizer
+
+            from trsr.llm.models import resolve
+
+            self.config = config
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve(config.model))
+
+        @property
+        def tokenizer(self):
+            return self._tokenizer
+
+        def generate(self, prompts, params=None):
+            return [Generation(FIXED_SUMMARY, 0, 14, "stop") for _ in prompts]
+
+        def yes_no_logprobs(self, requests, yes="Yes", no="No"):
+            return [[(-0.5, -1.0)] * len(suffixes) for _, suffixes in requests]
+
+    return FixedAnswerEngine(config)
+
+
+def _fixed_steps(job):
+    """The job with its engine steps on fixed-answer engines."""
+    import dataclasses
+
+    from trsr.recommend.score import ScoreStage
+    from trsr.summarize.stages import SummarizeStage
+
+    class FixedSummarizeStage(SummarizeStage):
+        def __init__(self, config, mode, steps, seed=0):
+            super().__init__(config, mode, steps, seed, engine=fixed_engine(config.engine))
+
+    class FixedScoreStage(ScoreStage):
+        def __init__(self, config):
+            super().__init__(config, engine=fixed_engine(config.engine))
+
+    swap = {SummarizeStage: FixedSummarizeStage, ScoreStage: FixedScoreStage}
+    job.steps = [dataclasses.replace(s, stage=swap.get(s.stage, s.stage)) for s in job.steps]
+    return job
+
+
+# ---------------------------------------------------------------------- experiment
+
+
+def tiny_model() -> str:
+    """The tiny random Llama of the tests, written once under the cache."""
+    folder = CACHE / "tiny-llama"
+    if not (folder / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import write_tiny_llama
+
+        write_tiny_llama(folder)
+    return str(folder)
+
+
+def experiment(users: int, part: str):
+    from trsr.config import load
+    from trsr.experiment import ExperimentConfig
+
+    model = tiny_model()
+    engine = "vllm" if part == "real" else "transformers"
+    return load(
+        ExperimentConfig,
+        None,
+        [
+            f"run_dir={CACHE / f'{part}-{users}'}",
+            "prepare.source.format=mind",
+            f"prepare.source.path={CACHE / f'data-{users}'}",
+            f"prepare.synthetic.users={users}",
+            "prepare.synthetic.items=5000",
+            "prepare.synthetic.min_history=10",
+            "prepare.synthetic.max_history=25",
+            "prepare.protocol={min_history: 10, max_history: 25, users: {train: 0.0, valid: 0.0, test: 1.0}}",
+            "summarize.block_size=5",
+            "summarize.fan_in=2",
+            "summarize.execution=fused",
+            "summarize.users_per_batch=64",
+            f"summarize.engine.backend={engine}",
+            f"summarize.engine.model={model}",
+            "summarize.engine.max_model_len=1024",
+            "summarize.engine.batch_size=256",
+            "summarize.engine.enforce_eager=true",
+            "summarize.engine.num_cpus=2",
+            "summarize.generation.max_new_tokens=16",
+            "summarize.generation.retry_temperature=0",
+            f"score.engine.backend={engine}",
+            f"score.engine.model={model}",
+            "score.engine.max_model_len=1024",
+            "score.engine.batch_size=256",
+            "score.engine.enforce_eager=true",
+            "score.engine.num_cpus=2",
+            "score.prompt.max_length=1024",
+            "score.users_per_batch=32",
+            "score.splits=[test]",
+            "train.enabled=false",
+            "runner.progress_seconds=60",
+        ],
+    )
+
+
+# ------------------------------------------------------------------------ child side
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class RssSampler(threading.Thread):
+    """The driver's resident memory, sampled every 0.1 s while a stage runs."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.process = psutil.Process()
+        self.peak = self.process.memory_info().rss
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.wait(0.1):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.join()
+        return self.peak / 2**20
+
+
+def spilled_bytes() -> int:
+    """Object store bytes spilled so far on this cluster (Ray's memory summary)."""
+    import re
+
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(stats_only=True, units="B")
+    found = re.search(r"Spilled (\d+) B", text) or re.search(r"Spilled (\d+) MiB", text)
+    if not found:
+        return 0
+    value = int(found.group(1))
+    return value if "B," in found.group(0) or found.group(0).endswith(" B") else value * 2**20
+
+
+def child_prepare(users: int) -> dict:
+    from trsr.data.prepare import prepare
+
+    exp = experiment(users, "datapath")
+    started = time.perf_counter()
+    stats = prepare(exp)
+    return {
+        "users": users,
+        "lists": stats["accounting"]["protocol"]["users_per_split"]["test"],
+        "seconds": round(time.perf_counter() - started, 1),
+        "skipped": stats.get("skipped", False),
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+    }
+
+
+def child_stages(users: int, part: str) -> dict:
+    import shutil
+
+    from trsr.ray_utils import init_ray
+    from trsr.recommend.score import score_job
+    from trsr.runner import run_stage
+    from trsr.summarize.job import summarize_job
+
+    exp = experiment(users, part)
+    prepared = CACHE / f"datapath-{users}" / "prepared"
+    run = Path(exp.run_dir)
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    os.symlink(prepared, run / "prepared")  # prepared once per size, shared by both parts
+
+    init_ray()
+    stages = {}
+    jobs = [
+        ("summarize hierarchical", lambda: summarize_job(exp, "hierarchical")),
+        ("summarize recurrent", lambda: summarize_job(exp, "recurrent")),
+        ("score", lambda: score_job(exp, "test")),
+    ]
+    for name, make in jobs:
+        job = make()
+        if part == "datapath":
+            job = _fixed_steps(job)
+        before = spilled_bytes()
+        sampler = RssSampler()
+        sampler.start()
+        cpu, wall = time.process_time(), time.perf_counter()
+        stats = run_stage(job, exp.runner, force=True)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+        peak = sampler.stop()
+        rows = stats["rows_computed"]
+        stages[name] = {
+            "rows": rows,
+            "unit": job.unit,
+            "seconds": round(wall, 1),
+            "rows_per_s": round(rows / wall, 2),
+            "driver_peak_rss_mib": round(peak, 1),
+            "driver_cpu_s": round(cpu, 2),
+            "driver_cpu_s_per_1000": round(1000 * cpu / rows, 3),
+            "spilled_bytes": spilled_bytes() - before,
+        }
+        print(json.dumps({name: stages[name]}), file=sys.stderr, flush=True)
+    return {"users": users, "part": part, "stages": stages}
+
+
+# ------------------------------------------------------------------------ parent side
+
+
+def run_child(args: list[str]) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode != 0 or not lines:
+        sys.stderr.write(out.stderr[-6000:])
+        raise SystemExit(f"child {args} failed with exit code {out.returncode}")
+    return json.loads(lines[-1])
+
+
+def ratios(part_results: list[dict]) -> dict:
+    """Larger size against smaller, per stage: peak RSS and CPU per user."""
+    if len(part_results) < 2:
+        return {}
+    small, large = sorted(part_results, key=lambda r: r["users"])[:: len(part_results) - 1]
+    out = {}
+    for name, s in small["stages"].items():
+        l = large["stages"][name]
+        rss = l["driver_peak_rss_mib"] / s["driver_peak_rss_mib"]
+        cpu = l["driver_cpu_s_per_1000"] / s["driver_cpu_s_per_1000"]
+        out[name] = {
+            "users": [small["users"], large["users"]],
+            "rss_ratio": round(rss, 3),
+            "cpu_per_user_ratio": round(cpu, 3),
+            "rss_ok": rss <= RSS_TARGET,
+            "cpu_ok": cpu <= CPU_TARGET,
+        }
+    return out
+
+
+def table(results: dict) -> str:
+    lines = [
+        f"{'part':<9} {'users':>9} {'stage':<23} {'rows':>9} {'rows/s':>9} {'seconds':>8} "
+        f"{'peak RSS MiB':>12} {'CPU s/1k':>9} {'spilled MiB':>11}"
+    ]
+    for part in ("real", "datapath"):
+        for result in results.get(part, []):
+            for name, s in result["stages"].items():
+                lines.append(
+                    f"{part:<9} {result['users']:>9,} {name:<23} {s['rows']:>9,} {s['rows_per_s']:>9.1f} "
+                    f"{s['seconds']:>8.1f} {s['driver_peak_rss_mib']:>12.1f} {s['driver_cpu_s_per_1000']:>9.3f} "
+                    f"{s['spilled_bytes'] / 2**20:>11.1f}"
+                )
+        for name, r in results.get("ratios", {}).get(part, {}).items():
+            lines.append(
+                f"{part:<9} {'ratio':>9} {name:<23} peak RSS x{r['rss_ratio']} "
+                f"({'ok' if r['rss_ok'] else 'over'} <= {RSS_TARGET}), CPU/user x{r['cpu_per_user_ratio']} "
+                f"({'ok' if r['cpu_ok'] else 'over'} <= {CPU_TARGET})"
+            )
+    for p in results.get("prepare", []):
+        lines.append(
+            f"prepare   {p['users']:>9,} {'(driver, by design)':<23} {p['lists']:>9,} "
+            f"{p['users'] / max(p['seconds'], 1e-9):>9.1f} {p['seconds']:>8.1f} {p['peak_rss_mib']:>12.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["real", "datapath", "prepare", "all"], default="all")
+    parser.add_argument("--users", type=int, nargs="+", help="sizes (default per part)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        kind, users = args.child[0], int(args.child[1])
+        result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2])
+        print(json.dumps(result), flush=True)
+        return 0
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    parts = ["real", "datapath", "prepare"] if args.part == "all" else [args.part]
+    results: dict = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    results.setdefault("ratios", {})
+    for part in parts:
+        sizes = args.users or DEFAULT_SIZES[part]
+        prepared = {size: run_child(["prepare", str(size)]) for size in sizes}
+        if part == "prepare":
+            results["prepare"] = [prepared[size] for size in sizes]
+            continue
+        results[part] = [run_child(["stages", str(size), part]) for size in sizes]
+        results["ratios"][part] = ratios(results[part])
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    results["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    print(f"\nwritten to {OUTPUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
