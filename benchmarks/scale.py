@@ -119,6 +119,8 @@ def tiny_model() -> str:
 
 
 def experiment(users: int, part: str):
+    """The benchmark's recipe; part "prepare" is the run folder the data is prepared in
+    (the stages' run folders link to its prepared/)."""
     from trsr.config import load
     from trsr.experiment import ExperimentConfig
 
@@ -195,9 +197,10 @@ def spilled_bytes() -> int:
     """Object store bytes spilled so far on this cluster (Ray's memory summary)."""
     import re
 
+    import ray
     from ray._private.internal_api import memory_summary
 
-    text = memory_summary(stats_only=True, units="B")
+    text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True, units="B")
     found = re.search(r"Spilled (\d+) B", text) or re.search(r"Spilled (\d+) MiB", text)
     if not found:
         return 0
@@ -208,7 +211,7 @@ def spilled_bytes() -> int:
 def child_prepare(users: int) -> dict:
     from trsr.data.prepare import prepare
 
-    exp = experiment(users, "datapath")
+    exp = experiment(users, "prepare")
     started = time.perf_counter()
     stats = prepare(exp)
     return {
@@ -229,7 +232,7 @@ def child_stages(users: int, part: str) -> dict:
     from trsr.summarize.job import summarize_job
 
     exp = experiment(users, part)
-    prepared = CACHE / f"datapath-{users}" / "prepared"
+    prepared = CACHE / f"prepare-{users}" / "prepared"
     run = Path(exp.run_dir)
     if run.exists():
         shutil.rmtree(run)

@@ -16,6 +16,7 @@ from trsr.summarize.prompts import numbered
 
 Attributes = Sequence[Mapping[str, str]]
 SHRINK = 0.6  # each round keeps 60% of the previous character caps
+MIN_CHARS = 24  # no attribute is shortened below this
 
 
 class PromptTooLong(ValueError):
@@ -51,7 +52,7 @@ def fit_prompt(
     attribute_names: set[str],
     default_chars: int,
     per_attribute: Mapping[str, int] | None = None,
-    min_chars: int = 24,
+    min_chars: int = MIN_CHARS,
 ) -> tuple[str, int, dict[str, int], bool]:
     """The prompt built with the largest caps that fit `budget` tokens.
 

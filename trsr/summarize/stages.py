@@ -26,7 +26,7 @@ from trsr.data.schema import INTERMEDIATE, LISTS, SUMMARIES
 from trsr.summarize.checks import check_generation, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize.prompts import PromptSet, load_prompts
-from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
+from trsr.summarize.segment import MIN_CHARS, PromptTooLong, blocks_of, fit_prompt, render_items, scaled_caps
 
 HIERARCHICAL = "hierarchical"
 RECURRENT = "recurrent"
@@ -97,7 +97,10 @@ class RenderBlocks:
         self.items = Catalogue.load(items) if isinstance(items, str) else Catalogue.from_mapping(items)
         self.prompts = load_prompts(config.domain, config.prompts_file)
         tokenizer = load_tokenizer(config.engine.model)
-        self._count = lambda text: count_tokens(tokenizer, [render_chat(tokenizer, user_message(text))])[0]
+        self._count_many = lambda texts: count_tokens(
+            tokenizer, [render_chat(tokenizer, user_message(text)) for text in texts]
+        )
+        self._counted: dict[str, int] = {}
         generated = config.generation.max_new_tokens
         self.budget = config.engine.max_model_len - 2 * generated
         # The longest previous summary an update prompt can carry: max_new_tokens.
@@ -105,16 +108,43 @@ class RenderBlocks:
         self.attribute_names = self.items.attribute_names
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        lists = batch.select(LISTS.names).to_pylist()
+        todo = [row for row in lists if not self._beyond_cap(row)]
+        self._count_full_size(todo)
         rows = []
-        for row in batch.select(LISTS.names).to_pylist():
-            cap = self.caps.get(row["split"])
-            if cap is not None and row["list_index"] >= cap:
+        for row in lists:
+            if self._beyond_cap(row):
                 state = new_state(row)
                 state["status"] = MISSING
                 rows.append(state)
             else:
                 rows.append(self.render_user(row))
+        self._counted = {}
         return pa.Table.from_pylist(rows, schema=STATE)
+
+    def _beyond_cap(self, row: dict[str, Any]) -> bool:
+        cap = self.caps.get(row["split"])
+        return cap is not None and row["list_index"] >= cap
+
+    def _count(self, text: str) -> int:
+        if text not in self._counted:
+            self._counted[text] = self._count_many([text])[0]
+        return self._counted[text]
+
+    def _count_full_size(self, rows: list[dict[str, Any]]) -> None:
+        """Count every block's prompt at full-size item texts in one tokenizer call:
+        most blocks fit as they are, and one batched call is several times cheaper than
+        one call per block. Blocks that do not fit are shortened one by one after."""
+        caps = scaled_caps(self.attribute_names, self.config.item_max_chars, self.config.attribute_max_chars, 1.0, MIN_CHARS)
+        prompts = []
+        for row in rows:
+            if self.items.missing(row["history"]):
+                continue  # render_user raises for it
+            for block in blocks_of(row["history"], self.config.block_size):
+                prompts.append(self.prompts.update_prompt(self._placeholder_summary, render_items(self.items.attributes(block), caps)))
+        unique = [p for p in dict.fromkeys(prompts) if p not in self._counted]
+        if unique:
+            self._counted.update(zip(unique, self._count_many(unique)))
 
     def render_user(self, row: dict[str, Any]) -> dict[str, Any]:
         history = row["history"]
