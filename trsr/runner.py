@@ -333,6 +333,23 @@ def _ray_where(where: Where):
     return expression
 
 
+def read_parquet(paths: list[str], filesystem=None, columns: list[str] | None = None):
+    """ray.data.read_parquet through Ray's V1 Parquet datasource. Ray 2.60's default
+    (DataSourceV2) starts a pool of footer-reading actors on every execution: measured
+    10-14 s per stage against 2.3 s with V1 for the same small stage on this project's
+    2-core machines. The switch is a documented DataContext flag, set only while the
+    dataset is created (its plan is fixed then)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    use_v2 = context.use_datasource_v2
+    context.use_datasource_v2 = False
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem, columns=columns, partitioning=None)
+    finally:
+        context.use_datasource_v2 = use_v2
+
+
 def count_rows(paths: list[str], where: Where = ()) -> int:
     """Rows of Parquet files matching `where`: footers only without conditions, else a
     scan of the condition columns (streamed)."""
@@ -501,9 +518,7 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         printer.start()
     try:
         in_fs, _ = storage.arrow_filesystem(job.inputs[0])
-        dataset = ray.data.read_parquet(
-            [storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=in_fs, columns=job.columns
-        )
+        dataset = read_parquet([storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=in_fs, columns=job.columns)
         if job.where:
             dataset = dataset.filter(expr=_ray_where(job.where))
         dataset = dataset.repartition(target_num_rows_per_block=job.batch_rows, strict=True)
