@@ -220,8 +220,10 @@ class _Guarded:
 
         failed = int(pc.sum(pc.is_valid(table.column(ERROR))).as_py() or 0) if table.num_rows else 0
         failed_total = ray.get(self.progress.add.remote(rows_in, failed))
-        if self.failure_limit is not None and failed_total > self.failure_limit:
-            last = table.column(ERROR).drop_null()[0].as_py() if failed else "-"
+        # Only a batch with failed rows of its own stops the stage, so that the error
+        # names a real failed row (a clean batch reporting later would name none).
+        if failed and self.failure_limit is not None and failed_total > self.failure_limit:
+            last = table.column(ERROR).drop_null()[0].as_py()
             raise TooManyFailures(f"{failed_total} rows failed (at most {self.failure_limit} allowed): {last}")
 
 
