@@ -29,7 +29,9 @@ own: seconds and peak RSS.
 Targets (data-path issue): at the larger size of a part, the driver's peak RSS within
 1.2x of the smaller size's, and driver CPU-seconds per user within 1.25x.
 
-Prints a table and writes benchmarks/results/scale.json.
+Prints a table and writes benchmarks/results/scale.json; sizes measured in earlier runs
+stay in it (a size measured again replaces its entry), and the ratios compare the
+smallest and the largest size of a part.
 """
 
 from __future__ import annotations
@@ -356,9 +358,16 @@ def main(argv=None) -> int:
         sizes = args.users or DEFAULT_SIZES[part]
         prepared = {size: run_child(["prepare", str(size)]) for size in sizes}
         if part == "prepare":
-            results["prepare"] = [prepared[size] for size in sizes]
+            kept = {r["users"]: r for r in results.get("prepare", [])} | prepared
+            results["prepare"] = [kept[size] for size in sorted(kept)]
             continue
-        results[part] = [run_child(["stages", str(size), part]) for size in sizes]
+        # A size measured now replaces that size's earlier entry; other sizes are kept,
+        # so the sizes of a part can be measured in separate runs (1M takes hours here).
+        measured = {r["users"]: r for r in results.get(part, [])}
+        for size in sizes:
+            measured[size] = run_child(["stages", str(size), part])
+            measured[size]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        results[part] = [measured[size] for size in sorted(measured)]
         results["ratios"][part] = ratios(results[part])
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     results["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -1,0 +1,30 @@
+"""benchmarks/scale.py's verdicts: the ratios that decide whether the driver stays flat."""
+
+import importlib.util
+from pathlib import Path
+
+SCALE = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
+
+
+def scale_module():
+    spec = importlib.util.spec_from_file_location("scale_benchmark", SCALE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def result(users, rss, cpu_per_1000):
+    return {"users": users, "stages": {"score": {"driver_peak_rss_mib": rss, "driver_cpu_s_per_1000": cpu_per_1000}}}
+
+
+def test_ratios_compare_the_smallest_and_largest_size_whatever_the_order():
+    scale = scale_module()
+    out = scale.ratios([result(100_000, 330.0, 0.9), result(20_000, 300.0, 1.0), result(1_000_000, 400.0, 0.8)])
+    verdict = out["score"]
+    assert verdict["users"] == [20_000, 1_000_000]
+    assert verdict["rss_ratio"] == round(400 / 300, 3) and verdict["rss_ok"] is False  # over 1.2x
+    assert verdict["cpu_per_user_ratio"] == 0.8 and verdict["cpu_ok"] is True
+
+
+def test_one_size_has_no_verdict():
+    assert scale_module().ratios([result(2000, 300.0, 1.0)]) == {}
