@@ -54,6 +54,10 @@ CACHE = RESULTS / "cache" / "scale"
 OUTPUT = RESULTS / "scale.json"
 DEFAULT_SIZES = {"real": [2000, 20000], "datapath": [100000, 1000000], "prepare": [1000000]}
 RSS_TARGET, CPU_TARGET = 1.2, 1.25
+# Engine batches per block (runner.block_batches): the driver's memory follows the
+# number of blocks (Ray Data keeps per-block stats), so at these sizes 8 as in the
+# cluster recipe; --block-batches 1 shows the difference.
+BLOCK_BATCHES = int(os.environ.get("TRSR_SCALE_BLOCK_BATCHES", "8"))
 FIXED_SUMMARY = "The user reads about sports, politics and travel, mostly recent headlines."
 
 
@@ -165,6 +169,7 @@ def experiment(users: int, part: str):
             "score.splits=[test]",
             "train.enabled=false",
             "runner.progress_seconds=60",
+            f"runner.block_batches={BLOCK_BATCHES}",
         ],
     )
 
@@ -273,7 +278,7 @@ def child_stages(users: int, part: str) -> dict:
             "spilled_bytes": spilled_bytes() - before,
         }
         print(json.dumps({name: stages[name]}), file=sys.stderr, flush=True)
-    return {"users": users, "part": part, "stages": stages}
+    return {"users": users, "part": part, "block_batches": BLOCK_BATCHES, "stages": stages}
 
 
 # ------------------------------------------------------------------------ parent side
@@ -313,26 +318,26 @@ def ratios(part_results: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        f"{'part':<9} {'users':>9} {'stage':<23} {'rows':>9} {'rows/s':>9} {'seconds':>8} "
+        f"{'part':<9} {'users':>9} {'blk':>3} {'stage':<23} {'rows':>9} {'rows/s':>9} {'seconds':>8} "
         f"{'peak RSS MiB':>12} {'CPU s/1k':>9} {'spilled MiB':>11}"
     ]
     for part in ("real", "datapath"):
         for result in results.get(part, []):
             for name, s in result["stages"].items():
                 lines.append(
-                    f"{part:<9} {result['users']:>9,} {name:<23} {s['rows']:>9,} {s['rows_per_s']:>9.1f} "
+                    f"{part:<9} {result['users']:>9,} {result.get('block_batches', 1):>3} {name:<23} {s['rows']:>9,} {s['rows_per_s']:>9.1f} "
                     f"{s['seconds']:>8.1f} {s['driver_peak_rss_mib']:>12.1f} {s['driver_cpu_s_per_1000']:>9.3f} "
                     f"{s['spilled_bytes'] / 2**20:>11.1f}"
                 )
         for name, r in results.get("ratios", {}).get(part, {}).items():
             lines.append(
-                f"{part:<9} {'ratio':>9} {name:<23} peak RSS x{r['rss_ratio']} "
+                f"{part:<9} {'ratio':>9} {'':>3} {name:<23} peak RSS x{r['rss_ratio']} "
                 f"({'ok' if r['rss_ok'] else 'over'} <= {RSS_TARGET}), CPU/user x{r['cpu_per_user_ratio']} "
                 f"({'ok' if r['cpu_ok'] else 'over'} <= {CPU_TARGET})"
             )
     for p in results.get("prepare", []):
         lines.append(
-            f"prepare   {p['users']:>9,} {'(driver, by design)':<23} {p['lists']:>9,} "
+            f"prepare   {p['users']:>9,} {'':>3} {'(driver, by design)':<23} {p['lists']:>9,} "
             f"{p['users'] / max(p['seconds'], 1e-9):>9.1f} {p['seconds']:>8.1f} {p['peak_rss_mib']:>12.1f}"
         )
     return "\n".join(lines)
@@ -342,8 +347,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["real", "datapath", "prepare", "all"], default="all")
     parser.add_argument("--users", type=int, nargs="+", help="sizes (default per part)")
+    parser.add_argument("--block-batches", type=int, help="runner.block_batches (default 8)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.block_batches:
+        os.environ["TRSR_SCALE_BLOCK_BATCHES"] = str(args.block_batches)  # the children read it
     if args.child:
         kind, users = args.child[0], int(args.child[1])
         result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2])

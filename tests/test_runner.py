@@ -97,6 +97,31 @@ def test_stage_writes_one_file_per_block_and_skips_when_complete(tmp_path, ray_l
     assert stats["skipped"] is False and len(output(the_job)) == 40
 
 
+class BatchSize:
+    """A toy step that writes the size of the batch it was given as x2."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        return pa.table({"id": batch.column("id"), "x2": [n] * n, "pid": [os.getpid()] * n}, schema=OUT)
+
+
+def test_block_batches_puts_several_step_batches_in_one_block(tmp_path, ray_local):
+    the_job = job(tmp_path)
+    the_job.steps = [Step(BatchSize, {}, OUT)]
+    stats = run_stage(the_job, RunnerConfig(progress_seconds=0, block_batches=2))
+    # 40 rows, batches of 8, 2 batches per block: blocks of 16, 16 and 8 rows, one file each.
+    assert sorted(storage_rows(p).num_rows for p in the_job.folder.data_files()) == [8, 16, 16]
+    assert set(output(the_job).column("x2").to_pylist()) == {8}  # the step still sees batches of 8
+    assert stats["rows_in"] == stats["rows_out"] == 40
+
+
+def storage_rows(path: str):
+    import pyarrow.parquet as pq
+
+    filesystem, inner = storage.arrow_filesystem(path)
+    return pq.ParquetFile(filesystem.open_input_file(inner)).metadata
+
+
 def test_poisoned_rows_go_to_rejects_and_the_rest_finish(tmp_path, ray_local):
     the_job = job(tmp_path, poison=["r007", "r023"])
     stats = run_stage(the_job, RunnerConfig(progress_seconds=0, max_failed_share=0.1))
