@@ -57,7 +57,7 @@ RSS_TARGET, CPU_TARGET = 1.2, 1.25
 # Engine batches per block (runner.block_batches): the driver's memory follows the
 # number of blocks (Ray Data keeps per-block stats), so at these sizes 8 as in the
 # cluster recipe; --block-batches 1 shows the difference.
-BLOCK_BATCHES = int(os.environ.get("TRSR_SCALE_BLOCK_BATCHES", "8"))
+BLOCK_BATCHES = 8
 FIXED_SUMMARY = "The user reads about sports, politics and travel, mostly recent headlines."
 
 
@@ -126,7 +126,7 @@ def tiny_model() -> str:
     return str(folder)
 
 
-def experiment(users: int, part: str):
+def experiment(users: int, part: str, block_batches: int = BLOCK_BATCHES):
     """The benchmark's recipe; part "prepare" is the run folder the data is prepared in
     (the stages' run folders link to its prepared/)."""
     from trsr.config import load
@@ -169,7 +169,7 @@ def experiment(users: int, part: str):
             "score.splits=[test]",
             "train.enabled=false",
             "runner.progress_seconds=60",
-            f"runner.block_batches={BLOCK_BATCHES}",
+            f"runner.block_batches={block_batches}",
         ],
     )
 
@@ -232,7 +232,7 @@ def child_prepare(users: int) -> dict:
     }
 
 
-def child_stages(users: int, part: str) -> dict:
+def child_stages(users: int, part: str, block_batches: int) -> dict:
     import shutil
 
     from trsr.ray_utils import init_ray
@@ -240,7 +240,7 @@ def child_stages(users: int, part: str) -> dict:
     from trsr.runner import run_stage
     from trsr.summarize.job import summarize_job
 
-    exp = experiment(users, part)
+    exp = experiment(users, part, block_batches)
     prepared = CACHE / f"prepare-{users}" / "prepared"
     run = Path(exp.run_dir)
     if run.exists():
@@ -278,7 +278,7 @@ def child_stages(users: int, part: str) -> dict:
             "spilled_bytes": spilled_bytes() - before,
         }
         print(json.dumps({name: stages[name]}), file=sys.stderr, flush=True)
-    return {"users": users, "part": part, "block_batches": BLOCK_BATCHES, "stages": stages}
+    return {"users": users, "part": part, "block_batches": block_batches, "stages": stages}
 
 
 # ------------------------------------------------------------------------ parent side
@@ -294,6 +294,13 @@ def run_child(args: list[str]) -> dict:
         sys.stderr.write(out.stderr[-6000:])
         raise SystemExit(f"child {args} failed with exit code {out.returncode}")
     return json.loads(lines[-1])
+
+
+def merge_sizes(earlier: list[dict], measured: dict[int, dict]) -> list[dict]:
+    """Earlier results with the sizes measured now replacing theirs, by size: the sizes
+    of a part can be measured in separate runs (1M users takes hours here)."""
+    kept = {r["users"]: r for r in earlier} | measured
+    return [kept[size] for size in sorted(kept)]
 
 
 def ratios(part_results: list[dict]) -> dict:
@@ -347,14 +354,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["real", "datapath", "prepare", "all"], default="all")
     parser.add_argument("--users", type=int, nargs="+", help="sizes (default per part)")
-    parser.add_argument("--block-batches", type=int, help="runner.block_batches (default 8)")
+    parser.add_argument("--block-batches", type=int, default=BLOCK_BATCHES, help="runner.block_batches (default 8)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.block_batches:
-        os.environ["TRSR_SCALE_BLOCK_BATCHES"] = str(args.block_batches)  # the children read it
     if args.child:
         kind, users = args.child[0], int(args.child[1])
-        result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2])
+        result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2], int(args.child[3]))
         print(json.dumps(result), flush=True)
         return 0
 
@@ -366,16 +371,13 @@ def main(argv=None) -> int:
         sizes = args.users or DEFAULT_SIZES[part]
         prepared = {size: run_child(["prepare", str(size)]) for size in sizes}
         if part == "prepare":
-            kept = {r["users"]: r for r in results.get("prepare", [])} | prepared
-            results["prepare"] = [kept[size] for size in sorted(kept)]
+            results["prepare"] = merge_sizes(results.get("prepare", []), prepared)
             continue
-        # A size measured now replaces that size's earlier entry; other sizes are kept,
-        # so the sizes of a part can be measured in separate runs (1M takes hours here).
-        measured = {r["users"]: r for r in results.get(part, [])}
+        measured = {}
         for size in sizes:
-            measured[size] = run_child(["stages", str(size), part])
+            measured[size] = run_child(["stages", str(size), part, str(args.block_batches)])
             measured[size]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        results[part] = [measured[size] for size in sorted(measured)]
+        results[part] = merge_sizes(results.get(part, []), measured)
         results["ratios"][part] = ratios(results[part])
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     results["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
