@@ -107,6 +107,20 @@ def test_truncate_keeps_most_recent_items():
     assert row["history"] == full[-26:-1]
 
 
+def test_truncate_never_draws_negatives_from_the_older_history():
+    # 61 items of an 81-item catalogue: the 20 the user never saw are the only negatives,
+    # though only the 25 most recent history items are shown.
+    sequences, catalogue = make_sequences({"long": 61}, catalogue=81)
+    result, _ = build(
+        sequences, catalogue, long_history="truncate", users={"train": 0.0, "valid": 0.0, "test": 1.0}
+    )
+    rows = result.samples["test"].to_pylist()
+    full = sequences.column("item_ids")[0].as_py()
+    assert len(rows[0]["history"]) == 25
+    negatives = {r["candidate"] for r in rows if r["label"] == 0}
+    assert negatives == set(catalogue) - set(full)
+
+
 def test_counts_in_split_sizes_and_test_filled_first():
     sequences, catalogue = make_sequences({f"u{k}": 12 for k in range(30)})
     result, _ = build(sequences, catalogue, users={"train": 100, "valid": 10, "test": 10})

@@ -94,7 +94,8 @@ def build_samples(
         excluded[reason] = excluded.get(reason, 0) + 1
         rejects.add(PROTOCOL, SOURCE, reason, user_id=user, raw=raw)
 
-    eligible: list[tuple[str, list[str], str]] = []
+    # (user, history kept, target, every earlier item: none of them may be a negative)
+    eligible: list[tuple[str, list[str], str, list[str]]] = []
     too_short = f"history shorter than min_history ({config.min_history} items)"
     too_long = f"history longer than max_history ({config.max_history} items)"
     for user, items in zip(users, item_lists):
@@ -102,6 +103,7 @@ def build_samples(
             exclude(user, "empty sequence")
             continue
         history, target = items[:-1], items[-1]
+        seen = history
         if len(history) < config.min_history:
             exclude(user, too_short, raw=f"{len(history)} items")
             continue
@@ -113,17 +115,17 @@ def build_samples(
         if target not in index_of:
             exclude(user, "target item not in catalogue", raw=target)
             continue
-        eligible.append((user, history, target))
+        eligible.append((user, history, target, seen))
 
     # Seeded, order-independent split: rank users by a hash of (seed, user id).
     eligible.sort(key=lambda row: (stable_hash(seed, "split", row[0]), row[0]))
     sizes = split_sizes(config, len(eligible))
-    assignment: dict[str, list[tuple[str, list[str], str]]] = {}
+    assignment: dict[str, list[tuple[str, list[str], str, list[str]]]] = {}
     start = 0
     for split in ("test", "valid", "train"):
         assignment[split] = eligible[start : start + sizes[split]]
         start += sizes[split]
-    for user, _, _ in eligible[start:]:
+    for user, *_ in eligible[start:]:
         exclude(user, "not sampled (split sizes reached)")
 
     samples: dict[str, pa.Table] = {}
@@ -134,8 +136,10 @@ def build_samples(
         negatives_per_list = getattr(config.negatives, split)
         rows: dict[str, list] = {name: [] for name in LISTS.names}
         kept = 0
-        for user, history, target in sorted(assignment[split], key=lambda row: row[0]):
-            forbidden = {index_of[i] for i in history if i in index_of}
+        for user, history, target, seen in sorted(assignment[split], key=lambda row: row[0]):
+            # With long_history "truncate" the older items are not shown, but the user
+            # did interact with them: they are no negatives either.
+            forbidden = {index_of[i] for i in seen if i in index_of}
             forbidden.add(index_of[target])
             if catalogue_size - len(forbidden) < negatives_per_list:
                 exclude(user, f"catalogue too small for {negatives_per_list} negatives")
