@@ -149,7 +149,6 @@ def run_bare(experiment) -> tuple[dict, dict]:
     from trsr import storage
     from trsr.runs import RunFolder
     from trsr.summarize.job import INPUT_SPLITS, split_caps
-    from trsr.summarize.prompts import load_prompts
     from trsr.summarize.stages import Finalize, RenderBlocks, SummarizeStage, steps_needed
 
     config = experiment.summarize
@@ -164,7 +163,7 @@ def run_bare(experiment) -> tuple[dict, dict]:
     users = pa.concat_tables(parts)
     longest = int(pc.max(pc.list_value_length(users.column("history"))).as_py() or 0)
     max_blocks = -(-longest // config.block_size)
-    prompts = load_prompts(config.domain, config.prompts_file)
+    prompts = config.prompts()
 
     load_before = os.getloadavg()[0]
     started = time.perf_counter()

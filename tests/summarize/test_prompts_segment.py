@@ -1,7 +1,7 @@
 import pytest
 
 from trsr.errors import ConfigError
-from trsr.summarize.checks import check_generation, trim_to_sentence
+from trsr.summarize.checks import _grams, _words, check_generation, end_on_sentence, instruction_grams, trim_to_sentence
 from trsr.summarize.prompts import DOMAINS, load_prompts
 from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
 from trsr.summarize.stages import steps_needed
@@ -70,13 +70,31 @@ def test_steps_needed():
 
 
 def test_output_checks():
-    prompt = "Here are news articles this user read: budget vote in the senate tonight"
-    assert check_generation("", prompt, "stop") == "empty"
-    assert check_generation("sports " * 40, prompt, "stop") == "repetitive"
-    echo = "Here are news articles this user read: budget vote in the senate tonight"
-    assert check_generation(echo, prompt, "stop") == "echo"
+    prompts = load_prompts("news", max_new_tokens=40)
+    instructions = instruction_grams(prompts.block, prompts.merge, prompts.update)
+    assert check_generation("", instructions, "stop") == "empty"
+    assert check_generation("sports " * 40, instructions, "stop") == "repetitive"
+    echo = "Describe the user; do not list the articles one by one. Here are news articles this user read"
+    assert check_generation(echo, instructions, "stop") == "echo"
+    # Repeating the items' own words is what a summary does: not an echo, although
+    # every 4-gram of it is in the prompt that carried the item.
+    title = "Budget vote in the senate tonight as leaders meet to agree on spending cuts"
+    assert check_generation(title, instructions, "stop") is None
+    assert check_generation(title, frozenset(_grams(_words(prompts.block_prompt("1. " + title)))), "stop") == "echo"
     fine = "The user follows politics, especially budget debates, and local news."
-    assert check_generation(fine, prompt, "stop") is None
-    assert check_generation(fine, prompt, "length") is None  # complete sentence: trimmed, accepted
-    assert check_generation("The user follows politics and budget debates and local news and", prompt, "length") == "over_length"
+    assert check_generation(fine, instructions, "stop") is None
+    assert check_generation(fine, instructions, "length") is None  # complete sentence: trimmed, accepted
+    # No sentence end: cut at the last clause boundary and closed with a period.
+    clause = "The user follows politics and budget debates in detail, and local news and"
+    assert check_generation(clause, instructions, "length") is None
+    assert end_on_sentence(clause) == "The user follows politics and budget debates in detail."
+    assert check_generation("The user follows politics and budget debates and local news and", instructions, "length") == "over_length"
     assert trim_to_sentence("One sentence here. Another one is cut") == "One sentence here."
+
+
+def test_prompts_ask_for_a_length_the_token_budget_allows():
+    short, long = load_prompts("news", max_new_tokens=40), load_prompts("news", max_new_tokens=160)
+    for template in (short.block, short.merge, short.update):
+        assert "one or two sentences, at most 24 words" in template and "{length}" not in template
+    assert "two to four sentences, at most 96 words" in long.block
+    assert short.hash != long.hash  # the length is part of the summaries' fingerprint

@@ -189,3 +189,58 @@ def test_lists_beyond_the_cap_pass_unsummarized_and_finalize_keeps_every_list(ti
     # The list itself travels with the summary (what scoring and training read).
     assert summaries["c"]["candidates"] == ["n34", "n35"] and summaries["c"]["labels"] == [1, 0]
     assert out.column("list_id").to_pylist() == USERS.column("list_id").to_pylist()
+
+
+class ScriptedEngine:
+    """Answers each prompt by the first rule whose key is in it (a rule's value is the
+    generated text and its finish reason): outputs the checks must judge, on demand."""
+
+    def __init__(self, rules: list[tuple[str, str, str]]):
+        self.rules = rules
+
+    def generate(self, prompts, params=None):
+        from trsr.llm.engine import Generation
+
+        out = []
+        for prompt in prompts:
+            text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+            answer, reason = next((a, r) for key, a, r in self.rules if key in text)
+            out.append(Generation(answer, 10, 10, reason))
+        return out
+
+
+CLEAN = "The user follows sports results and travel stories, with a growing taste for recipes."
+
+
+def test_status_describes_the_final_summary_not_intermediate_problems(tiny_model, rendered):
+    config = make_config(tiny_model)
+    # User c: 4 blocks, fan-in 2 -> levels 0, 1, 2. Its first block (n10..n12) always
+    # gets an empty answer (retried, still empty); every other call a clean summary.
+    engine = ScriptedEngine([("Headline number 10 ", "", "stop"), ("", CLEAN, "stop")])
+    state = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("hierarchical", "m", "h", 0)(state).to_pylist()}
+    c = out["c"]
+    assert c["summary"] == CLEAN and c["status"] == "ok"
+    assert c["flagged_steps"] == 1
+    assert [(i["step"], i["index"], i["problem"]) for i in c["intermediates"] if i["problem"]] == [(0, 0, "empty")]
+    # A flagged final summary is the user's status.
+    engine = ScriptedEngine([("Combine them", "", "stop"), ("", CLEAN, "stop")])
+    state = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("hierarchical", "m", "h", 0)(state).to_pylist()}
+    assert out["c"]["status"] == "empty" and out["a"]["status"] == "ok"  # a: one block, no merge
+    # Recurrent: a flagged first step, clean updates after it -> ok.
+    engine = ScriptedEngine([("Here are news", "", "stop"), ("", CLEAN, "stop")])
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}
+    assert out["c"]["status"] == "ok" and out["c"]["flagged_steps"] == 1
+    assert out["a"]["status"] == "empty"  # one block: its only step is its final summary
+
+
+def test_a_summary_cut_at_the_token_limit_ends_on_a_sentence(tiny_model, rendered):
+    config = make_config(tiny_model)
+    cut = "The user follows sports results closely, likes beach travel and seaside towns, and reads recipes for"
+    engine = ScriptedEngine([("", cut, "length")])
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}
+    assert out["c"]["summary"] == "The user follows sports results closely, likes beach travel and seaside towns."
+    assert out["c"]["status"] == "ok" and out["c"]["trimmed"] == 4

@@ -74,7 +74,11 @@ LISTS = pa.schema(
 )
 
 # A summary, its level/step (0-based) and index within that level.
-INTERMEDIATE = pa.struct([("step", pa.int32()), ("index", pa.int32()), ("text", pa.string())])
+# One generated summary of a level/step; `problem` is what the output checks flagged
+# in it (null: none), kept here so a user's status can describe its final summary.
+INTERMEDIATE = pa.struct(
+    [("step", pa.int32()), ("index", pa.int32()), ("text", pa.string()), ("problem", pa.string())]
+)
 
 # summaries/<mode>: every ranking list with its user's summary, so that the stages that
 # read summaries (training texts, scoring) read one table and join nothing.
@@ -85,8 +89,9 @@ SUMMARIES = pa.schema(
         # null when there is none: status "missing" (beyond summarize.max_users) or
         # "prompt_too_long"; other statuses keep the text the summarizer produced.
         pa.field("summary", pa.string()),
-        # "ok" (usable), "missing", or the problem found: empty, echo, repetitive,
-        # over_length, prompt_too_long.
+        # "ok" (usable), "missing", or the problem of the final summary: empty, echo,
+        # repetitive, over_length; or prompt_too_long. Problems of intermediate
+        # levels/steps are in `intermediates`; `flagged_steps` counts every flagged one.
         pa.field("status", pa.string()),
         pa.field("intermediates", pa.list_(INTERMEDIATE)),
         pa.field("items", pa.int32()),
@@ -97,6 +102,7 @@ SUMMARIES = pa.schema(
         pa.field("retries", pa.int32()),
         pa.field("shortened_blocks", pa.int32()),
         pa.field("trimmed", pa.int32()),
+        pa.field("flagged_steps", pa.int32()),
         pa.field("model", pa.string()),
         pa.field("template_hash", pa.string()),
         pa.field("seed", pa.int64()),

@@ -1,12 +1,16 @@
 """Output checks for generated summaries: empty, degenerate, over-length.
 
 A generation is flagged when it is empty, repeats itself (most of its word 4-grams
-occur more than once), echoes the prompt (most of its 4-grams are copied from the
-prompt) or is over-length: it stopped at the token limit with no complete sentence
-to cut at. Text that ran past the limit after complete sentences is cut after the
-last one and accepted (counted as `trimmed`): small models rarely stop on their own.
-Flagged generations are retried once; what is still flagged is kept and its problem
-is written to the user's `status` column.
+occur more than once), echoes the instructions (most of its 4-grams are copied from
+the template's own wording; copying item titles or an earlier summary's phrases is
+what a summary may do, so the inserted items and summaries do not count) or is
+over-length: it stopped at the token limit and no sentence or clause boundary leaves
+a usable text. Text that ran past the limit is cut after its last complete sentence,
+or, with none, at its last clause boundary (",", ";", ":") and closed with a period;
+both are accepted and counted as `trimmed` (small models rarely stop on their own).
+Flagged generations are retried once; a user's status is the problem of the
+generation that became its final summary (problems of intermediate levels or steps
+are recorded with those intermediates, not in the status).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ PROBLEMS = (EMPTY, REPETITIVE, ECHO, OVER_LENGTH)
 MIN_WORDS_FOR_SHAPE = 8
 MAX_REPEATED_FRACTION = 0.5
 MAX_ECHOED_FRACTION = 0.6
+# A cut keeps at least this share of the generated text.
+MIN_KEPT_AT_SENTENCE = 0.3
+MIN_KEPT_AT_CLAUSE = 0.5
 
 
 def _grams(words: list[str], n: int = 4) -> list[tuple[str, ...]]:
@@ -32,8 +39,19 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def check_generation(text: str, prompt: str, finish_reason: str) -> str | None:
-    """The first problem of a generation, or None when it looks like a summary."""
+def instruction_grams(*templates: str) -> frozenset:
+    """The word 4-grams of templates' own wording (placeholders removed, each piece
+    between placeholders on its own so no 4-gram spans inserted text)."""
+    grams: set = set()
+    for template in templates:
+        for piece in re.split(r"\{\w+\}", template):
+            grams.update(_grams(_words(piece)))
+    return frozenset(grams)
+
+
+def check_generation(text: str, instructions: frozenset, finish_reason: str) -> str | None:
+    """The first problem of a generation, or None when it looks like a summary.
+    `instructions`: instruction_grams() of the prompt templates."""
     if not text or not text.strip():
         return EMPTY
     words = _words(text)
@@ -42,21 +60,30 @@ def check_generation(text: str, prompt: str, finish_reason: str) -> str | None:
         repeated = 1.0 - len(set(grams)) / len(grams)
         if repeated > MAX_REPEATED_FRACTION:
             return REPETITIVE
-        prompt_grams = set(_grams(_words(prompt)))
-        echoed = sum(g in prompt_grams for g in grams) / len(grams)
+        echoed = sum(g in instructions for g in grams) / len(grams)
         if echoed > MAX_ECHOED_FRACTION:
             return ECHO
     if finish_reason == "length":
-        trimmed = trim_to_sentence(text)
-        if not re.search(r"[.!?]$", trimmed) or len(_words(trimmed)) < MIN_WORDS_FOR_SHAPE:
+        cut = end_on_sentence(text)
+        if cut is None or len(_words(cut)) < MIN_WORDS_FOR_SHAPE:
             return OVER_LENGTH
     return None
 
 
-def trim_to_sentence(text: str) -> str:
-    """Cut an over-length generation after its last complete sentence, if it has one."""
+def end_on_sentence(text: str) -> str | None:
+    """A generation cut at the token limit, ended on a sentence: after its last complete
+    sentence, else at its last clause boundary closed with a period; None when neither
+    keeps enough of the text."""
     text = text.strip()
     ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
-    if ends and ends[-1] >= len(text) * 0.3:
+    if ends and ends[-1] >= len(text) * MIN_KEPT_AT_SENTENCE:
         return text[: ends[-1]]
-    return text
+    clauses = [m.start() for m in re.finditer(r"[,;:](?=\s)", text)]
+    if clauses and clauses[-1] >= len(text) * MIN_KEPT_AT_CLAUSE:
+        return text[: clauses[-1]].rstrip() + "."
+    return None
+
+
+def trim_to_sentence(text: str) -> str:
+    """end_on_sentence(text), or the text as it is when it cannot be cut."""
+    return end_on_sentence(text) or text.strip()

@@ -65,6 +65,13 @@ class SummarizeConfig(Section):
     # split; a split left out = all). Users are taken in user-id order; null = all users.
     max_users: int | dict[Literal["train", "valid", "test"], int | None] | None = None
 
+    def prompts(self):
+        """This config's PromptSet (domain preset, override file, length for
+        generation.max_new_tokens)."""
+        from trsr.summarize.prompts import load_prompts
+
+        return load_prompts(self.domain, self.prompts_file, self.generation.max_new_tokens)
+
     @model_validator(mode="after")
     def _check_max_users(self) -> "SummarizeConfig":
         caps = self.max_users.values() if isinstance(self.max_users, dict) else [self.max_users]

@@ -30,7 +30,6 @@ from trsr.experiment import ExperimentConfig
 from trsr.runner import Step, StageJob, run_stage
 from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
-from trsr.summarize.prompts import load_prompts
 from trsr.summarize.stages import (
     OK,
     STATE,
@@ -125,7 +124,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
         )
         for step_list in plan
     ]
-    prompts = load_prompts(config.domain, config.prompts_file)
+    prompts = config.prompts()
     finalize = Step(
         Finalize,
         {"mode": mode, "model": engine.model, "template_hash": prompts.hash, "seed": experiment.seed},

@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr.data.schema import INTERMEDIATE, LISTS, SUMMARIES
-from trsr.summarize.checks import check_generation, trim_to_sentence
+from trsr.summarize.checks import check_generation, instruction_grams, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
-from trsr.summarize.prompts import PromptSet, load_prompts
+from trsr.summarize.prompts import PromptSet
 from trsr.summarize.segment import MIN_CHARS, PromptTooLong, blocks_of, fit_prompt, render_items, scaled_caps
 
 HIERARCHICAL = "hierarchical"
@@ -44,6 +44,7 @@ STATE = pa.schema(
         pa.field("items", pa.int32()),
         pa.field("blocks", pa.list_(pa.string())),  # numbered item lines per block
         pa.field("nodes", pa.list_(pa.string())),  # summaries of the current level / [running summary]
+        pa.field("node_problems", pa.list_(pa.string())),  # the checks' verdict on each node (null: none)
         pa.field("intermediates", pa.list_(INTERMEDIATE)),
         pa.field("tokens_in", pa.int64()),
         pa.field("tokens_out", pa.int64()),
@@ -51,6 +52,8 @@ STATE = pa.schema(
         pa.field("retries", pa.int32()),
         pa.field("shortened_blocks", pa.int32()),
         pa.field("trimmed", pa.int32()),
+        pa.field("flagged_steps", pa.int32()),
+        # ok / missing / prompt_too_long; Finalize turns ok into the final node's problem.
         pa.field("status", pa.string()),
     ]
 )
@@ -95,7 +98,7 @@ class RenderBlocks:
         self.caps = caps or {}
         # A path (items.parquet) lets each Ray actor load the catalogue itself.
         self.items = Catalogue.load(items) if isinstance(items, str) else Catalogue.from_mapping(items)
-        self.prompts = load_prompts(config.domain, config.prompts_file)
+        self.prompts = config.prompts()
         tokenizer = load_tokenizer(config.engine.model)
         self._count_many = lambda texts: count_tokens(
             tokenizer, [render_chat(tokenizer, user_message(text)) for text in texts]
@@ -188,16 +191,23 @@ class Finalize:
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         nodes = batch.column("nodes").to_pylist()
+        problems = batch.column("node_problems").to_pylist()
         statuses = batch.column("status").to_pylist()
         summaries = [
             None if status in (MISSING, PROMPT_TOO_LONG) or not node else node[0]
             for node, status in zip(nodes, statuses)
         ]
+        # The status describes the final summary: a clean final summary after a flagged
+        # intermediate is usable (the intermediate's problem stays in `intermediates`).
+        statuses = [
+            status if status != OK or not problem else (problem[0] or OK)
+            for status, problem in zip(statuses, problems)
+        ]
         columns = {name: batch.column(name) for name in LISTS.names}
         columns.update(
             mode=pa.array([self.mode] * n, pa.string()),
             summary=pa.array(summaries, pa.string()),
-            status=batch.column("status"),
+            status=pa.array(statuses, pa.string()),
             intermediates=batch.column("intermediates"),
             items=batch.column("items"),
             blocks=pc.list_value_length(batch.column("blocks")).cast(pa.int32()),
@@ -207,6 +217,7 @@ class Finalize:
             retries=batch.column("retries"),
             shortened_blocks=batch.column("shortened_blocks"),
             trimmed=batch.column("trimmed"),
+            flagged_steps=batch.column("flagged_steps"),
             model=pa.array([self.model] * n, pa.string()),
             template_hash=pa.array([self.template_hash] * n, pa.string()),
             seed=pa.array([self.seed] * n, pa.int64()),
@@ -226,6 +237,7 @@ def new_state(row: dict[str, Any]) -> dict[str, Any]:
         items=len(row["history"]),
         blocks=[],
         nodes=[],
+        node_problems=[],
         intermediates=[],
         tokens_in=0,
         tokens_out=0,
@@ -233,6 +245,7 @@ def new_state(row: dict[str, Any]) -> dict[str, Any]:
         retries=0,
         shortened_blocks=0,
         trimmed=0,
+        flagged_steps=0,
         status=OK,
     )
     return state
@@ -262,7 +275,8 @@ class SummarizeStage:
         self.mode = mode
         self.steps = list(steps)
         self.seed = seed
-        self.prompts: PromptSet = load_prompts(config.domain, config.prompts_file)
+        self.prompts: PromptSet = config.prompts()
+        self.instructions = instruction_grams(self.prompts.block, self.prompts.merge, self.prompts.update)
         if engine is None:
             from trsr.llm.engine import build_engine
 
@@ -282,12 +296,14 @@ class SummarizeStage:
     def _hierarchical_level(self, rows: list[dict], level: int) -> None:
         jobs: list[_Job] = []
         next_nodes: dict[int, list[str | None]] = {}
+        next_problems: dict[int, list[str | None]] = {}
         fan_in = self.config.fan_in
         for r, row in enumerate(rows):
             if row["status"] in (PROMPT_TOO_LONG, MISSING):
                 continue
             if level == 0:
                 next_nodes[r] = [None] * len(row["blocks"])
+                next_problems[r] = [None] * len(row["blocks"])
                 for k, block in enumerate(row["blocks"]):
                     jobs.append(_Job(r, k, self.prompts.block_prompt(block)))
                 continue
@@ -297,17 +313,21 @@ class SummarizeStage:
             size = fan_in if fan_in else len(nodes)
             groups = blocks_of(nodes, size)
             next_nodes[r] = [None] * len(groups)
+            next_problems[r] = [None] * len(groups)
             for g, group in enumerate(groups):
                 if len(group) == 1:
-                    next_nodes[r][g] = group[0]  # a lone node moves up unchanged
+                    # A lone node moves up unchanged, with its problem.
+                    next_nodes[r][g] = group[0]
+                    next_problems[r][g] = row["node_problems"][g * size]
                 else:
                     jobs.append(_Job(r, g, self.prompts.merge_prompt(group)))
-        self._run(rows, jobs, next_nodes, level)
+        self._run(rows, jobs, next_nodes, next_problems, level)
 
     # -- recurrent -----------------------------------------------------------------
     def _recurrent_step(self, rows: list[dict], step: int) -> None:
         jobs: list[_Job] = []
         next_nodes: dict[int, list[str | None]] = {}
+        next_problems: dict[int, list[str | None]] = {}
         for r, row in enumerate(rows):
             if row["status"] in (PROMPT_TOO_LONG, MISSING) or step >= len(row["blocks"]):
                 continue  # finished early: its summary stays as it is
@@ -316,27 +336,28 @@ class SummarizeStage:
                 prompt = self.prompts.block_prompt(block)
             else:
                 prompt = self.prompts.update_prompt(row["nodes"][0], block)
-            next_nodes[r] = [None]
+            next_nodes[r], next_problems[r] = [None], [None]
             jobs.append(_Job(r, 0, prompt))
-        self._run(rows, jobs, next_nodes, step)
+        self._run(rows, jobs, next_nodes, next_problems, step)
 
     # -- shared --------------------------------------------------------------------
-    def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], step: int) -> None:
+    def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], next_problems: dict[int, list], step: int) -> None:
         if jobs:
             outputs = self._generate_checked([job.prompt for job in jobs])
             for job, (text, tokens_in, tokens_out, retried, trimmed, problem) in zip(jobs, outputs):
                 row = rows[job.row]
                 row["trimmed"] += int(trimmed)
                 next_nodes[job.row][job.slot] = text
+                next_problems[job.row][job.slot] = problem
                 row["tokens_in"] += tokens_in
                 row["tokens_out"] += tokens_out
                 row["calls"] += 1 + int(retried)
                 row["retries"] += int(retried)
-                row["intermediates"].append({"step": step, "index": job.slot, "text": text})
-                if problem and row["status"] == OK:
-                    row["status"] = problem
+                row["intermediates"].append({"step": step, "index": job.slot, "text": text, "problem": problem})
+                row["flagged_steps"] += int(problem is not None)
         for r, nodes in next_nodes.items():
             rows[r]["nodes"] = nodes
+            rows[r]["node_problems"] = next_problems[r]
 
     def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, bool, str | None]]:
         """Generate; retry flagged outputs once; return (text, tokens in, tokens out,
@@ -347,7 +368,7 @@ class SummarizeStage:
         first = self._generate(messages, self.config.generation.params(self.seed))
         chosen = list(first)
         tokens = [(g.prompt_tokens, g.output_tokens) for g in first]
-        problems = [check_generation(g.text, p, g.finish_reason) for p, g in zip(prompts, first)]
+        problems = [check_generation(g.text, self.instructions, g.finish_reason) for g in first]
         retry_index = [i for i, problem in enumerate(problems) if problem]
         if retry_index:
             # The retry samples and adds a length reminder: most flagged outputs of
@@ -360,7 +381,7 @@ class SummarizeStage:
             for i, generation in zip(retry_index, second):
                 chosen[i] = generation
                 tokens[i] = (tokens[i][0] + generation.prompt_tokens, tokens[i][1] + generation.output_tokens)
-                problems[i] = check_generation(generation.text, prompts[i], generation.finish_reason)
+                problems[i] = check_generation(generation.text, self.instructions, generation.finish_reason)
         out = []
         for i, generation in enumerate(chosen):
             text = generation.text.strip()
