@@ -14,3 +14,8 @@ class InputFileError(TrsrError):
 
 class ConfigError(TrsrError):
     """A configuration value is missing, unknown or inconsistent (names the key)."""
+
+
+class DataError(TrsrError):
+    """The inputs were read but leave nothing to work on (e.g. no interaction matches
+    the catalogue); the message says what matched and what did not."""

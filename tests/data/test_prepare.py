@@ -142,3 +142,20 @@ def test_amazon_games_protocol(shared_data, tmp_path):
     ]])
     prepare(again)
     assert load_samples(again.run_dir, "test").equals(test)
+
+
+def test_interactions_matching_no_item_id_fail_with_the_ids_side_by_side(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    lines = ["user_id,item_id,timestamp"]
+    for user in range(30):
+        lines += [f"u{user},{786022000 + (user + k) % 40},{1000 + k}" for k in range(12)]
+    (data / "interactions.csv").write_text("\n".join(lines) + "\n")
+    # The catalogue writes its ids with a leading zero: nothing matches.
+    (data / "items.csv").write_text("item_id,title\n" + "".join(f"0{786022000 + k},Item {k}\n" for k in range(40)))
+    code = main(["data", "prepare", "generic", "--input", str(data), "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "split(s) empty" in err and "0 of 360 interaction item ids matched" in err
+    assert "786022000" in err and "0786022000" in err
+    assert not RunFolder(str(tmp_path / "run")).prepared_stage.is_complete("anything")

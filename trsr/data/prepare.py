@@ -20,6 +20,7 @@ from trsr.data import protocol
 from trsr.data.converters import convert
 from trsr.data.rejects import Rejects
 from trsr.data.schema import SPLITS
+from trsr.errors import DataError
 from trsr.data.stats import format_accounting, format_table1, table1
 from trsr.runs import LAYOUT, RunFolder, inputs_signature
 
@@ -81,6 +82,7 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
         rejects,
     )
 
+    _check_not_empty(config.protocol, converted, result, rejects)
     storage.write_parquet(converted.items, run.items())
     storage.write_parquet(converted.sequences, run.sequences())
     for split in SPLITS:
@@ -112,6 +114,36 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
     run.prepared_stage.finish(key, stats, users=result.users_per_split)
     stats["skipped"] = False
     return stats
+
+
+def _check_not_empty(protocol_config, converted, result, rejects: Rejects) -> None:
+    """Fail when a split the protocol asks for ends up empty, saying why: most often the
+    interactions' item ids match none of the catalogue's (e.g. 786022008 against
+    0786022008), which otherwise ends in a run with nothing to train or test on."""
+    import pyarrow.compute as pc
+
+    empty = [s for s in SPLITS if getattr(protocol_config.users, s) > 0 and result.users_per_split[s] == 0]
+    if not empty:
+        return
+    lines = [
+        f"prepare left the {', '.join(empty)} split(s) empty: {sum(result.users_per_split.values()):,} of "
+        f"{result.users_in:,} users made a ranking list"
+    ]
+    if result.excluded:
+        lines.append("users excluded: " + "; ".join(f"{reason}: {n:,}" for reason, n in result.excluded.items()))
+    unknown = int(converted.counts.get("unknown_item_occurrences", 0))
+    kept = int(pc.sum(pc.list_value_length(converted.sequences.column("item_ids"))).as_py() or 0)
+    if unknown:
+        table = rejects.table()
+        unmatched = table.filter(pc.equal(table.column("reason"), "unknown item id")).column("item_id")
+        examples = pc.unique(unmatched).slice(0, 5).to_pylist()
+        catalogue = converted.items.column("item_id").slice(0, 5).to_pylist()
+        lines.append(
+            f"{kept:,} of {kept + unknown:,} interaction item ids matched the items table; unmatched ids "
+            f"such as {examples} beside catalogue ids such as {catalogue} (leading zeros, prefixes, "
+            "or another id column?)"
+        )
+    raise DataError(". ".join(lines))
 
 
 def _check_accounting(stats: dict) -> None:
