@@ -28,15 +28,14 @@ from trsr.runs import RunFolder
 
 pytestmark = pytest.mark.integration
 
-# Small and quick, yet enough updates for every model to learn the topic structure.
+# Small and quick; batch size and CTR training are the defaults (the defaults must
+# give every model enough optimizer steps on a small training set).
 FAST = [
     "baselines.epochs=6",
     "baselines.lr=0.003",
-    "baselines.batch_size=64",
     "baselines.negatives=30",
     "baselines.dim=32",
     "baselines.layers=1",
-    "baselines.ctr_training=prefixes",
 ]
 
 
@@ -92,6 +91,8 @@ def test_scores_follow_the_schema_and_cover_every_candidate_once(trained):
             epochs = stats["training"]["epochs"]
             assert len(epochs) == 6 and all(np.isfinite(e["loss"]) for e in epochs)
             assert 1 <= stats["training"]["best_epoch"] <= 6
+            training = stats["training"]
+            assert training["steps_per_epoch"] >= min(100, training["examples"] // 8), training
 
 
 def test_every_baseline_beats_random_on_learnable_data(trained):
@@ -121,6 +122,15 @@ def test_every_baseline_beats_random_on_learnable_data(trained):
     # equally popular) it is informative but weaker.
     auc, recall3 = summary["popularity"]
     assert auc > random["auc"].mean() + 0.05 and auc > 0.55, summary
+
+
+def test_small_training_sets_get_smaller_batches_not_fewer_steps():
+    config = BaselinesConfig()
+    assert config.batch_for(458) == 8  # the demo's 1:3 lists: 58 steps per epoch, not 1
+    assert config.batch_for(7985) == 80  # the demo's prefixes: 100 steps
+    assert config.batch_for(1_000_000) == 512  # large sets keep the configured batch
+    assert BaselinesConfig(batch_size=4).batch_for(458) == 4
+    assert BaselinesConfig(min_steps_per_epoch=1).batch_for(458) == 458
 
 
 def test_up_to_date_models_are_skipped_and_embeddings_reused(trained):

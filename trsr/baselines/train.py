@@ -16,6 +16,7 @@ Popularity and random need no loop (`simple_scores`).
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import time
 
@@ -138,6 +139,7 @@ def train_model(name: str, data: BaselineData, config: BaselinesConfig, seed: in
     optimizer = torch.optim.Adam(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
+    batch_size = config.batch_for(len(examples))
     valid = data.eval.get("valid")
     history_log = []
     best = (-np.inf, 0, None)
@@ -146,7 +148,7 @@ def train_model(name: str, data: BaselineData, config: BaselinesConfig, seed: in
         began = time.perf_counter()
         model.train()
         total, batches = 0.0, 0
-        for hist, lengths, candidates, labels, blocked in examples.batches(rng, config.batch_size):
+        for hist, lengths, candidates, labels, blocked in examples.batches(rng, batch_size):
             logits = model(
                 torch.from_numpy(hist).to(device),
                 torch.from_numpy(lengths).to(device),
@@ -181,6 +183,8 @@ def train_model(name: str, data: BaselineData, config: BaselinesConfig, seed: in
     stats = {
         "kind": kind,
         "examples": len(examples),
+        "batch_size": batch_size,
+        "steps_per_epoch": math.ceil(len(examples) / batch_size),
         "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "epochs": history_log,
         "best_epoch": chosen,
