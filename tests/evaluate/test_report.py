@@ -116,3 +116,21 @@ def write_yaml(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("run_dir: x\nprepare:\n  source:\n    format: mind\n    path: unused\n")
     return path
+
+
+def test_the_report_says_how_many_lists_each_llm_method_scored_without_a_summary(tmp_path):
+    from trsr.runs import RunFolder
+
+    run = str(tmp_path / "run")
+    write_scores(run, "llm-trsr-hierarchical", 40, lambda n, c, label: label)
+    write_scores(run, "tallrec", 40, lambda n, c, label: label)
+    write_scores(run, "ncf", 40, lambda n, c, label: 0.5)
+    # The score stage's stats count lists by summary status.
+    RunFolder(run).scores("llm-trsr-hierarchical", "test").finish("by-hand", {"summary_status": {"ok": 33, "over_length": 5, "missing": 2}})
+    RunFolder(run).scores("tallrec", "test").finish("by-hand", {"summary_status": {"unused": 40}})
+    result = evaluate(experiment(run))
+    rows = result["methods"]
+    assert rows["llm-trsr-hierarchical"]["lists_without_summary"] == 7
+    assert rows["tallrec"]["lists_without_summary"] is None and rows["ncf"]["lists_without_summary"] is None
+    md = storage.read_bytes(storage.join(run, "report", "test.md")).decode()
+    assert "Lists scored without a usable summary (prompted with the recent items only): llm-trsr-hierarchical 7 of 40." in md

@@ -143,6 +143,7 @@ def evaluate(
             "lists_scored": len(coverage[method]),
             "users": len(set(table.column("user_id").to_pylist())),
             "candidates": table.num_rows,
+            "lists_without_summary": lists_without_summary(run_dir, method, split),
         }
     chance = {}
     if len(list_sizes) == 1:
@@ -174,6 +175,15 @@ def evaluate(
     return result
 
 
+def lists_without_summary(run_dir: str, method: str, split: str) -> int | None:
+    """Lists an LLM method scored without a usable summary (the score stage counts
+    them by summary status); None for methods that read no summaries."""
+    statuses = RunFolder(run_dir).scores(method, split).stats().get("summary_status") or {}
+    if not statuses or set(statuses) == {"unused"}:
+        return None
+    return int(sum(n for status, n in statuses.items() if status not in ("ok", "unused")))
+
+
 def _cell(row: dict, name: str, with_interval: bool = True) -> str:
     value = row["metrics"].get(name, math.nan)
     if not with_interval or name not in row.get("intervals", {}):
@@ -201,6 +211,14 @@ def markdown(result: dict) -> str:
             lines.append("| " + " | ".join([method, str(row["users"])] + [_cell(row, n) for n in names]) + " |")
         if result["chance"]:
             lines.append("| " + " | ".join(["(chance)", ""] + [_cell({"metrics": result["chance"]}, n, False) for n in names]) + " |")
+        lines.append("")
+    without = {m: r["lists_without_summary"] for m, r in result["methods"].items() if r.get("lists_without_summary") is not None}
+    if without:
+        lines.append(
+            "Lists scored without a usable summary (prompted with the recent items only): "
+            + ", ".join(f"{m} {n} of {result['methods'][m]['lists_scored']}" for m, n in without.items())
+            + "."
+        )
         lines.append("")
     partial = {m: r["lists_scored"] for m, r in result["methods"].items() if r["lists_scored"] != result["lists"]}
     if partial:
