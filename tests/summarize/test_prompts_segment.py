@@ -70,7 +70,7 @@ def test_steps_needed():
 
 
 def test_output_checks():
-    prompts = load_prompts("news", max_new_tokens=40)
+    prompts = load_prompts("news")
     instructions = instruction_grams(prompts.block, prompts.merge, prompts.update)
     assert check_generation("", instructions, "stop") == "empty"
     assert check_generation("sports " * 40, instructions, "stop") == "repetitive"
@@ -79,6 +79,9 @@ def test_output_checks():
     # Repeating the items' own words is what a summary does: not an echo, although
     # every 4-gram of it is in the prompt that carried the item.
     title = "Budget vote in the senate tonight as leaders meet to agree on spending cuts"
+    # ... but copying the numbered item list out is.
+    assert check_generation("The user's interests are:\n1. Category: politics; Title: Budget vote\n2.", instructions, "length") == "echo"
+    assert check_generation("The user's interests are: 1. Sports; 2. Finance; 3. Sports; 4.", instructions, "stop") == "echo"
     assert check_generation(title, instructions, "stop") is None
     assert check_generation(title, frozenset(_grams(_words(prompts.block_prompt("1. " + title)))), "stop") == "echo"
     fine = "The user follows politics, especially budget debates, and local news."
@@ -90,11 +93,3 @@ def test_output_checks():
     assert end_on_sentence(clause) == "The user follows politics and budget debates in detail."
     assert check_generation("The user follows politics and budget debates and local news and", instructions, "length") == "over_length"
     assert trim_to_sentence("One sentence here. Another one is cut") == "One sentence here."
-
-
-def test_prompts_ask_for_a_length_the_token_budget_allows():
-    short, long = load_prompts("news", max_new_tokens=40), load_prompts("news", max_new_tokens=160)
-    for template in (short.block, short.merge, short.update):
-        assert "one or two sentences, at most 24 words" in template and "{length}" not in template
-    assert "two to four sentences, at most 96 words" in long.block
-    assert short.hash != long.hash  # the length is part of the summaries' fingerprint

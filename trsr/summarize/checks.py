@@ -1,9 +1,9 @@
 """Output checks for generated summaries: empty, degenerate, over-length.
 
 A generation is flagged when it is empty, repeats itself (most of its word 4-grams
-occur more than once), echoes the instructions (most of its 4-grams are copied from
-the template's own wording; copying item titles or an earlier summary's phrases is
-what a summary may do, so the inserted items and summaries do not count) or is
+occur more than once), echoes the prompt (most of its 4-grams are copied from the
+template's own wording, or it copies out the numbered item list; naming item titles
+or reusing an earlier summary's phrases in a sentence is what a summary may do) or is
 over-length: it stopped at the token limit and no sentence or clause boundary leaves
 a usable text. Text that ran past the limit is cut after its last complete sentence,
 or, with none, at its last clause boundary (",", ";", ":") and closed with a period;
@@ -49,6 +49,15 @@ def instruction_grams(*templates: str) -> frozenset:
     return frozenset(grams)
 
 
+# Numbered lines or "Name: value; Name:" runs: the prompt's item list copied out (the
+# rendering of trsr.summarize.segment.render_items), not a description of the user.
+_LISTING = re.compile(r"(?m)^\s*\d+\.\s|\b\d+\.\s+\S[^.;\n]*;\s*\d+\.|\w+: [^;\n]+; \w+:")
+
+
+def is_listing(text: str) -> bool:
+    return bool(_LISTING.search(text))
+
+
 def check_generation(text: str, instructions: frozenset, finish_reason: str) -> str | None:
     """The first problem of a generation, or None when it looks like a summary.
     `instructions`: instruction_grams() of the prompt templates."""
@@ -63,6 +72,8 @@ def check_generation(text: str, instructions: frozenset, finish_reason: str) -> 
         echoed = sum(g in instructions for g in grams) / len(grams)
         if echoed > MAX_ECHOED_FRACTION:
             return ECHO
+    if is_listing(text):
+        return ECHO
     if finish_reason == "length":
         cut = end_on_sentence(text)
         if cut is None or len(_words(cut)) < MIN_WORDS_FOR_SHAPE:

@@ -66,11 +66,10 @@ class SummarizeConfig(Section):
     max_users: int | dict[Literal["train", "valid", "test"], int | None] | None = None
 
     def prompts(self):
-        """This config's PromptSet (domain preset, override file, length for
-        generation.max_new_tokens)."""
+        """This config's PromptSet (domain preset and override file)."""
         from trsr.summarize.prompts import load_prompts
 
-        return load_prompts(self.domain, self.prompts_file, self.generation.max_new_tokens)
+        return load_prompts(self.domain, self.prompts_file)
 
     @model_validator(mode="after")
     def _check_max_users(self) -> "SummarizeConfig":
