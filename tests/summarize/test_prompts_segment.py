@@ -93,3 +93,7 @@ def test_output_checks():
     assert end_on_sentence(clause) == "The user follows politics and budget debates in detail."
     assert check_generation("The user follows politics and budget debates and local news and", instructions, "length") == "over_length"
     assert trim_to_sentence("One sentence here. Another one is cut") == "One sentence here."
+    # A list number is no sentence end.
+    assert end_on_sentence("The user reads travel and food news, mostly recipes. Interests:\n1. Travel\n2.") == (
+        "The user reads travel and food news, mostly recipes."
+    )

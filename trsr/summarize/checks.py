@@ -54,6 +54,9 @@ def instruction_grams(*templates: str) -> frozenset:
 _LISTING = re.compile(r"(?m)^\s*\d+\.\s|\b\d+\.\s+\S[^.;\n]*;\s*\d+\.|\w+: [^;\n]+; \w+:")
 
 
+_LIST_NUMBER = re.compile(r"(?:^|\n|[:;]\s)\s*\d{1,2}\.$")
+
+
 def is_listing(text: str) -> bool:
     return bool(_LISTING.search(text))
 
@@ -86,7 +89,8 @@ def end_on_sentence(text: str) -> str | None:
     sentence, else at its last clause boundary closed with a period; None when neither
     keeps enough of the text."""
     text = text.strip()
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    # A list number ("1." at a line start or after ": " / "; ") ends no sentence.
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text) if not _LIST_NUMBER.search(text, 0, m.end())]
     if ends and ends[-1] >= len(text) * MIN_KEPT_AT_SENTENCE:
         return text[: ends[-1]]
     clauses = [m.start() for m in re.finditer(r"[,;:](?=\s)", text)]
