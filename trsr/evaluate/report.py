@@ -28,6 +28,8 @@ from trsr.config import Section
 from trsr.data.schema import SCORES, SPLITS
 from trsr.errors import TrsrError
 from trsr.evaluate.metrics import bootstrap_ci, chance_level, per_list_metrics, summarize
+from trsr.recommend.lists import UNUSED
+from trsr.recommend.lists import lists_without_summary as count_without
 from trsr.runs import RunFolder
 
 if TYPE_CHECKING:
@@ -179,9 +181,9 @@ def lists_without_summary(run_dir: str, method: str, split: str) -> int | None:
     """Lists an LLM method scored without a usable summary (the score stage counts
     them by summary status); None for methods that read no summaries."""
     statuses = RunFolder(run_dir).scores(method, split).stats().get("summary_status") or {}
-    if not statuses or set(statuses) == {"unused"}:
+    if not statuses or set(statuses) == {UNUSED}:
         return None
-    return int(sum(n for status, n in statuses.items() if status not in ("ok", "unused")))
+    return count_without(statuses)
 
 
 def _cell(row: dict, name: str, with_interval: bool = True) -> str:

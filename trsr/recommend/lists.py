@@ -131,6 +131,12 @@ class AttachItems:
         return pa.Table.from_pylist(rows, schema=PROMPT_LISTS)
 
 
+def lists_without_summary(summary_status: dict[str, int]) -> int:
+    """Lists prompted without a usable summary, from counts by summary_status (tallrec's
+    "unused" lists read none by design and are not counted)."""
+    return int(sum(n for status, n in summary_status.items() if status not in (OK, UNUSED)))
+
+
 def usable_summary(summary: str | None, status: str, has_summary: bool) -> str | None:
     """The summary a prompt shows: only a summary with status "ok", and none for tallrec."""
     return summary if status == OK and has_summary else None

@@ -254,7 +254,7 @@ def split_stats(stats: dict, lists_in_split: int) -> dict:
         "lists_in_split": lists_in_split,
         "candidates": candidates,
         "summary_status": dict(sorted(statuses.items())),
-        "lists_without_summary": sum(n for s, n in statuses.items() if s not in (OK, UNUSED)),
+        "lists_without_summary": ranking_lists.lists_without_summary(statuses),
         "history_items": {
             "min": stats.get("min:history_items"),
             "mean": round(stats.get("history_items_sum", 0) / lists, 3) if lists else 0.0,

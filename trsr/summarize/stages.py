@@ -295,15 +295,13 @@ class SummarizeStage:
     # -- hierarchical --------------------------------------------------------------
     def _hierarchical_level(self, rows: list[dict], level: int) -> None:
         jobs: list[_Job] = []
-        next_nodes: dict[int, list[str | None]] = {}
-        next_problems: dict[int, list[str | None]] = {}
+        next_nodes: dict[int, list[tuple | None]] = {}  # (text, problem) per node
         fan_in = self.config.fan_in
         for r, row in enumerate(rows):
             if row["status"] in (PROMPT_TOO_LONG, MISSING):
                 continue
             if level == 0:
                 next_nodes[r] = [None] * len(row["blocks"])
-                next_problems[r] = [None] * len(row["blocks"])
                 for k, block in enumerate(row["blocks"]):
                     jobs.append(_Job(r, k, self.prompts.block_prompt(block)))
                 continue
@@ -313,21 +311,18 @@ class SummarizeStage:
             size = fan_in if fan_in else len(nodes)
             groups = blocks_of(nodes, size)
             next_nodes[r] = [None] * len(groups)
-            next_problems[r] = [None] * len(groups)
             for g, group in enumerate(groups):
                 if len(group) == 1:
                     # A lone node moves up unchanged, with its problem.
-                    next_nodes[r][g] = group[0]
-                    next_problems[r][g] = row["node_problems"][g * size]
+                    next_nodes[r][g] = (group[0], row["node_problems"][g * size])
                 else:
                     jobs.append(_Job(r, g, self.prompts.merge_prompt(group)))
-        self._run(rows, jobs, next_nodes, next_problems, level)
+        self._run(rows, jobs, next_nodes, level)
 
     # -- recurrent -----------------------------------------------------------------
     def _recurrent_step(self, rows: list[dict], step: int) -> None:
         jobs: list[_Job] = []
-        next_nodes: dict[int, list[str | None]] = {}
-        next_problems: dict[int, list[str | None]] = {}
+        next_nodes: dict[int, list[tuple | None]] = {}  # (text, problem) per node
         for r, row in enumerate(rows):
             if row["status"] in (PROMPT_TOO_LONG, MISSING) or step >= len(row["blocks"]):
                 continue  # finished early: its summary stays as it is
@@ -336,19 +331,20 @@ class SummarizeStage:
                 prompt = self.prompts.block_prompt(block)
             else:
                 prompt = self.prompts.update_prompt(row["nodes"][0], block)
-            next_nodes[r], next_problems[r] = [None], [None]
+            next_nodes[r] = [None]
             jobs.append(_Job(r, 0, prompt))
-        self._run(rows, jobs, next_nodes, next_problems, step)
+        self._run(rows, jobs, next_nodes, step)
 
     # -- shared --------------------------------------------------------------------
-    def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], next_problems: dict[int, list], step: int) -> None:
+    def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], step: int) -> None:
+        """Generate the jobs' summaries into their (text, problem) slots of next_nodes,
+        then make next_nodes each user's nodes and node_problems."""
         if jobs:
             outputs = self._generate_checked([job.prompt for job in jobs])
             for job, (text, tokens_in, tokens_out, retried, trimmed, problem) in zip(jobs, outputs):
                 row = rows[job.row]
                 row["trimmed"] += int(trimmed)
-                next_nodes[job.row][job.slot] = text
-                next_problems[job.row][job.slot] = problem
+                next_nodes[job.row][job.slot] = (text, problem)
                 row["tokens_in"] += tokens_in
                 row["tokens_out"] += tokens_out
                 row["calls"] += 1 + int(retried)
@@ -356,8 +352,8 @@ class SummarizeStage:
                 row["intermediates"].append({"step": step, "index": job.slot, "text": text, "problem": problem})
                 row["flagged_steps"] += int(problem is not None)
         for r, nodes in next_nodes.items():
-            rows[r]["nodes"] = nodes
-            rows[r]["node_problems"] = next_problems[r]
+            rows[r]["nodes"] = [text for text, _ in nodes]
+            rows[r]["node_problems"] = [problem for _, problem in nodes]
 
     def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, bool, str | None]]:
         """Generate; retry flagged outputs once; return (text, tokens in, tokens out,
