@@ -286,13 +286,15 @@ def child_stages(users: int, part: str, block_batches: int) -> dict:
 
 def run_child(args: list[str]) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    # The child's stderr (stage progress, one JSON line per finished stage) goes straight
+    # through: a 1M-user run takes hours, and its finished stages should be on record
+    # even if a later one fails.
     out = subprocess.run(
-        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, cwd=ROOT
+        [sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
     )
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
     if out.returncode != 0 or not lines:
-        sys.stderr.write(out.stderr[-6000:])
-        raise SystemExit(f"child {args} failed with exit code {out.returncode}")
+        raise SystemExit(f"child {args} failed with exit code {out.returncode} (its stderr is above)")
     return json.loads(lines[-1])
 
 

@@ -39,6 +39,12 @@ in which every row fails is not a bad row but a broken stage: the error is raise
 job fails with a clear message when the failed rows exceed `runner.max_failed_share`
 of its input (checked while it runs, so a broken stage stops early).
 
+Declined rows. A stage may decline input rows by policy (`StageJob.keep`, e.g. lists
+without a usable summary when score.prompt.missing_summary is "reject"): the keep
+conditions join the read filter, so those rows are never processed, and they are
+written to `_rejects.parquet` with the policy's reason and counted as rows_declined
+(rows_in = rows_reused + rows_computed + rows_declined), not as failures.
+
 Progress. The last step reports rows done to a small counter actor; the driver prints
 "[name] done/total unit, rows/s, ETA" every `runner.progress_seconds`.
 """
@@ -137,6 +143,13 @@ class StageJob:
     # the output it must equal the input rows: a row lost or written twice is caught.
     units: Callable[[pa.Table], int] | None = None
     details: dict = field(default_factory=dict)  # extra manifest fields
+    # Input rows (of `where`) the stage takes; the others are declined by policy (e.g.
+    # lists without a usable summary under score.prompt.missing_summary=reject): never
+    # processed, written to _rejects.parquet with `decline_reason(rows)` (one string per
+    # row) and counted as rows_declined, not as failures. The conditions need their
+    # columns among `columns`.
+    keep: Where = ()
+    decline_reason: Callable[[pa.Table], list[str]] | None = None
 
 
 def output_schema(schema: pa.Schema) -> pa.Schema:
@@ -356,7 +369,7 @@ def _duration(seconds: float) -> str:
 # ----------------------------------------------------------------------------- inputs
 
 
-def _arrow_where(where: Where):
+def arrow_where(where: Where):
     import pyarrow.dataset as ds
 
     expression = None
@@ -416,7 +429,7 @@ def count_rows(paths: list[str], where: Where = ()) -> int:
         return 0
     filesystem, _ = storage.arrow_filesystem(paths[0])
     dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem, format="parquet")
-    return dataset.count_rows(filter=_arrow_where(where)) if where else dataset.count_rows()
+    return dataset.count_rows(filter=arrow_where(where)) if where else dataset.count_rows()
 
 
 def _committed_rows(folder: StageFolder, id_column: str) -> int:
@@ -490,11 +503,67 @@ def _output_stats(job: StageJob, earlier: set[str]) -> dict:
     return {"rows": rows, "stats": stats, "computed": computed}
 
 
-def _write_rejects(job: StageJob) -> int:
-    """The failed rows of the output as REJECTS rows in <stage>/_rejects.parquet."""
+def _arrow_mask(table: pa.Table, where: Where) -> pa.Array:
+    """Which rows of `table` meet every condition (a null value meets none)."""
+    mask = pa.array([True] * table.num_rows)
+    for column, op, value in where:
+        values = table.column(column)
+        if op == "==":
+            term = pc.equal(values, value)
+        elif op == "<":
+            term = pc.less(values, value)
+        elif op == "in":
+            term = pc.is_in(values, value_set=pa.array(list(value)))
+        else:
+            raise ValueError(f"unsupported condition {op!r}")
+        mask = pc.and_(mask, term)
+    return pc.fill_null(mask, False)
+
+
+def _declined_rejects(job: StageJob) -> list[pa.Table]:
+    """REJECTS rows for the input rows `job.keep` declines: a streamed scan of the
+    inputs (the `where` and `keep` columns and the ids), one batch at a time."""
     import pyarrow.dataset as ds
 
+    filesystem, _ = storage.arrow_filesystem(job.inputs[0])
+    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=filesystem, format="parquet")
+    wanted = {job.id_column, *(c for c, _, _ in job.where), *(c for c, _, _ in job.keep)}
+    wanted |= {"user_id"} & set(dataset.schema.names)
+    columns = [name for name in dataset.schema.names if name in wanted]
+    where = arrow_where(job.where) if job.where else None
     parts = []
+    for fragment in dataset.get_fragments():
+        for batch in fragment.to_batches(columns=columns, filter=where):
+            table = pa.Table.from_batches([batch])
+            declined = table.filter(pc.invert(_arrow_mask(table, job.keep)))
+            n = declined.num_rows
+            if not n:
+                continue
+            reasons = job.decline_reason(declined) if job.decline_reason else ["declined"] * n
+            parts.append(
+                pa.table(
+                    {
+                        "stage": pa.array([job.name] * n, pa.string()),
+                        "source": pa.array([fragment.path] * n, pa.string()),
+                        "row": pa.nulls(n, pa.int64()),
+                        "field": pa.array([",".join(c for c, _, _ in job.keep)] * n, pa.string()),
+                        "reason": pa.array(reasons, pa.string()),
+                        "user_id": declined.column("user_id").cast(pa.string()) if "user_id" in declined.column_names else pa.nulls(n, pa.string()),
+                        "item_id": pa.nulls(n, pa.string()),
+                        "raw": declined.column(job.id_column).cast(pa.string()),
+                    },
+                    schema=REJECTS,
+                )
+            )
+    return parts
+
+
+def _write_rejects(job: StageJob, declined: int) -> int:
+    """The failed rows of the output and the declined input rows as REJECTS rows in
+    <stage>/_rejects.parquet."""
+    import pyarrow.dataset as ds
+
+    parts = _declined_rejects(job) if declined else []
     for batch in job.folder.dataset().to_batches(filter=ds.field(ERROR).is_valid()):
         if batch.num_rows == 0:
             continue
@@ -526,7 +595,8 @@ def _write_rejects(job: StageJob) -> int:
 
 def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = False) -> dict:
     """Run `job` into its folder (or resume it, or skip it when complete); return its
-    stats: rows_in / rows_reused / rows_computed / rows_failed, seconds, rows_per_s and
+    stats: rows_in (= rows_reused + rows_computed + rows_declined) / rows_failed (among
+    those computed or reused), seconds, rows_per_s and
     the stage's own block stats (summed). Raises TrsrError when rows went missing or
     too many failed."""
     import ray
@@ -547,9 +617,10 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         cpus=max(step.num_cpus * step.actors for step in job.steps),
     )
     rows_in = count_rows(job.inputs, job.where)
+    declined = rows_in - count_rows(job.inputs, [*job.where, *job.keep]) if job.keep else 0
     reused = _committed_rows(folder, job.id_column) if resumed else 0
     earlier = set(folder.data_files()) if resumed else set()
-    todo = rows_in - reused
+    todo = rows_in - declined - reused
     if resumed:
         print(f"[{job.name}] resuming: {reused:,} of {rows_in:,} {job.unit} already done", flush=True)
     failure_limit = math.floor(config.max_failed_share * rows_in)
@@ -579,8 +650,8 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     try:
         in_fs, _ = storage.arrow_filesystem(job.inputs[0])
         dataset = read_parquet([storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=in_fs, columns=job.columns)
-        if job.where:
-            dataset = dataset.filter(expr=_ray_where(job.where))
+        if job.where or job.keep:
+            dataset = dataset.filter(expr=_ray_where([*job.where, *job.keep]))
         dataset = dataset.repartition(target_num_rows_per_block=job.batch_rows * config.block_batches, strict=True)
         for index, step in enumerate(job.steps):
             last = index == len(job.steps) - 1
@@ -617,13 +688,15 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     output = _output_stats(job, earlier)
     failed = int(output["stats"].pop("failed", 0))
     units = int(output["stats"].pop("units", 0))
-    if units != rows_in:
+    if units != rows_in - declined:
         raise TrsrError(
-            f"{job.name}: {rows_in} {job.unit} in, but {folder.path} holds {units} "
-            f"({output['rows']} rows): {job.unit} were lost or written twice"
+            f"{job.name}: {rows_in - declined} {job.unit} in ({declined} more declined), but "
+            f"{folder.path} holds {units} ({output['rows']} rows): {job.unit} were lost or written twice"
         )
-    rejected = _write_rejects(job) if failed else 0
-    if not failed:
+    rejected = _write_rejects(job, declined) if failed or declined else 0
+    if rejected != failed + declined:
+        raise TrsrError(f"{job.name}: {failed} failed + {declined} declined {job.unit}, but {rejected} rejects written")
+    if not rejected:
         storage.write_parquet(REJECTS.empty_table(), folder.rejects)
     if failed > failure_limit:
         raise TooManyFailures(
@@ -633,7 +706,8 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     stats = {
         "rows_in": rows_in,
         "rows_reused": reused,
-        "rows_computed": rows_in - reused,
+        "rows_computed": rows_in - declined - reused,
+        "rows_declined": declined,
         "rows_failed": failed,
         "rows_out": output["rows"],
         "rejects": rejected,
@@ -647,8 +721,8 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     }
     folder.finish(job.fingerprint, stats, **job.details)
     print(
-        f"[{job.name}] {rows_in:,} {job.unit}: {rows_in - reused:,} computed, {reused:,} reused, "
-        f"{failed:,} failed, {seconds:.1f} s",
+        f"[{job.name}] {rows_in:,} {job.unit}: {rows_in - declined - reused:,} computed, {reused:,} reused, "
+        f"{failed:,} failed" + (f", {declined:,} declined" if declined else "") + f", {seconds:.1f} s",
         flush=True,
     )
     return dict(stats, skipped=False)

@@ -42,6 +42,7 @@ def tiny_experiment(tmp_path, tiny_model, *extra) -> ExperimentConfig:
             "score.prompt.max_length=1024",
             "score.users_per_batch=4",
             "score.splits=[test]",
+            "score.prompt.max_missing_summary_share=1",  # the tiny random model's summaries are mostly flagged
             "train.epochs=1",
             "train.per_device_batch_size=4",
             "train.gradient_accumulation=1",

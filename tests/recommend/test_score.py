@@ -203,29 +203,26 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     from trsr.data.schema import SUMMARIES
     from trsr import storage
 
-    experiment = load(
-        ExperimentConfig,
-        None,
-        [
-            f"run_dir={tmp_path / 'run'}",
-            "prepare.source.format=mind",
-            f"prepare.source.path={tmp_path / 'data'}",
-            "prepare.synthetic.users=40",
-            "prepare.synthetic.items=200",
-            "prepare.synthetic.min_history=4",
-            "prepare.synthetic.max_history=12",
-            "prepare.protocol.min_history=4",
-            "prepare.protocol.max_history=12",
-            f"score.engine.model={tiny_model}",
-            "score.engine.max_model_len=1024",
-            "score.engine.dtype=float32",
-            "score.prompt.max_length=1024",
-            "score.users_per_batch=2",
-            "prepare.protocol.users={train: 0.6, valid: 0.2, test: 0.2}",
-            "runner.max_failed_share=0.2",
-            "train.enabled=false",  # the base (tiny) model scores
-        ],
-    )
+    overrides = [
+        f"run_dir={tmp_path / 'run'}",
+        "prepare.source.format=mind",
+        f"prepare.source.path={tmp_path / 'data'}",
+        "prepare.synthetic.users=40",
+        "prepare.synthetic.items=200",
+        "prepare.synthetic.min_history=4",
+        "prepare.synthetic.max_history=12",
+        "prepare.protocol.min_history=4",
+        "prepare.protocol.max_history=12",
+        f"score.engine.model={tiny_model}",
+        "score.engine.max_model_len=1024",
+        "score.engine.dtype=float32",
+        "score.prompt.max_length=1024",
+        "score.users_per_batch=2",
+        "prepare.protocol.users={train: 0.6, valid: 0.2, test: 0.2}",
+        "runner.max_failed_share=0.2",
+        "train.enabled=false",  # the base (tiny) model scores
+    ]
+    experiment = load(ExperimentConfig, None, [*overrides, "score.prompt.max_missing_summary_share=0.5"])
     prepare(experiment)
     run_dir = str(tmp_path / "run")
     samples = load_samples(run_dir, "test")
@@ -239,8 +236,10 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     run = RunFolder(run_dir)
     lists = pa.concat_tables([storage.read_parquet(run.lists(s)) for s in ("test", "valid", "train")])
     rows = []
+    echo_user = sorted(set(storage.read_parquet(run.lists("train")).column("user_id").to_pylist()))[0]
     for n, row in enumerate(lists.to_pylist()):
         status = "missing" if row["user_id"] == users[0] else ("empty" if row["user_id"] == users[1] else "ok")
+        status = "echo" if row["user_id"] == echo_user else status  # a training user
         if row["user_id"] == users[2]:
             row["candidates"] = ["N-unknown"] + row["candidates"][1:]
         rows.append(
@@ -251,6 +250,15 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     folder = run.summaries("hierarchical")
     storage.write_parquet(pa.Table.from_pylist(rows, schema=SUMMARIES), folder.join("part-0.parquet"))
     folder.finish("made-by-hand", {})
+
+    # Two of the test lists have no usable summary: above the default share the stage
+    # stops before it starts, with the counts by status.
+    from trsr.errors import DataError
+
+    n_test = len(users)
+    with pytest.raises(DataError, match=rf"2 of {n_test} lists .* no usable hierarchical summary \(empty 1, missing 1\).*max_missing_summary_share=0.1"):
+        score(load(ExperimentConfig, None, overrides), "test")
+    assert not run.scores("llm-trsr-hierarchical", "test").data_files()
 
     stats = score(experiment, "test")["test"]
     table = read_scores(run_dir, "llm-trsr-hierarchical", "test")
@@ -278,3 +286,34 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     assert "'N-unknown' is not in the catalogue" in rejects.column("reason")[0].as_py()
     # Up to date: a second call skips.
     assert score(experiment, "test")["test"]["skipped"] is True
+
+    # missing_summary=reject: the two lists without a usable summary are not scored;
+    # they are in the rejects with their status, beside the poisoned list.
+    rejecting = load(
+        ExperimentConfig, None,
+        [*overrides, "score.prompt.max_missing_summary_share=0.5", "score.prompt.missing_summary=reject", "score.method=rejecting"],
+    )
+    stats = score(rejecting, "test")["test"]
+    table = read_scores(run_dir, "rejecting", "test")
+    no_summary = {f"test:{users[0]}", f"test:{users[1]}"}
+    assert sorted(set(table.column("list_id").to_pylist())) == sorted(set(lists) - no_summary)
+    assert stats["summary_status"] == {"ok": len(users) - 3} and stats["lists_without_summary"] == 0
+    assert stats["rows_declined"] == 2 and stats["rows_failed"] == 1 and stats["rejects"] == 3
+    assert stats["rows_computed"] == len(everything) - 2 and stats["rows_in"] == len(everything)
+    rejects = storage.read_parquet(run.scores("rejecting", "test").rejects).sort_by("raw")
+    reasons = dict(zip(rejects.column("raw").to_pylist(), rejects.column("reason").to_pylist()))
+    assert set(reasons) == no_summary | {poisoned}
+    assert "status missing" in reasons[f"test:{users[0]}"] and "status empty" in reasons[f"test:{users[1]}"]
+
+    # Training takes the same policy: its texts stage declines the training list whose
+    # summary is an echo (and under prompt_without builds it with an empty summary).
+    from trsr.recommend.sft import texts_job
+    from trsr.runner import run_stage
+
+    texts = run_stage(texts_job(rejecting, tiny_model), rejecting.runner)
+    train_lists = storage.read_parquet(run.lists("train")).num_rows
+    assert texts["rows_in"] == train_lists and texts["rows_declined"] == 1 and texts["rows_failed"] == 0
+    assert texts["lists"] == train_lists - 1 and texts["summary_status"] == {"ok": train_lists - 1}
+    rejects = storage.read_parquet(run.training_texts("rejecting").rejects)
+    assert rejects.column("raw").to_pylist() == [f"train:{echo_user}"]
+    assert "status echo" in rejects.column("reason")[0].as_py()

@@ -15,14 +15,19 @@ history items and each candidate with their attributes.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from trsr.data.catalogue import Catalogue
 from trsr.data.schema import ATTRIBUTE, LISTS
-from trsr.errors import TrsrError
+from trsr import storage
+from trsr.errors import DataError, TrsrError
 from trsr.runs import RunFolder, StageFolder
+
+log = logging.getLogger(__name__)
 
 OK = "ok"
 MISSING = "missing"  # no usable summary row for the user
@@ -140,3 +145,78 @@ def lists_without_summary(summary_status: dict[str, int]) -> int:
 def usable_summary(summary: str | None, status: str, has_summary: bool) -> str | None:
     """The summary a prompt shows: only a summary with status "ok", and none for tallrec."""
     return summary if status == OK and has_summary else None
+
+
+# ------------------------------------------------------- lists without a usable summary
+
+
+def summary_policy(prompt) -> tuple[list[tuple[str, str, Any]], Callable[[pa.Table], list[str]] | None]:
+    """(keep conditions, decline reason) of a stage that prompts with `prompt`
+    (RecommendPromptConfig) under its missing_summary policy: with "reject" the runner
+    takes only lists whose summary status is ok and declines the others with their status
+    as the reason (StageJob.keep / decline_reason); otherwise it takes every list."""
+    if prompt.mode is None or prompt.missing_summary != "reject":
+        return [], None
+
+    def reason(rows: pa.Table) -> list[str]:
+        return [
+            f"no usable {prompt.mode} summary (status {status or MISSING}); score.prompt.missing_summary=reject"
+            for status in rows.column("status").to_pylist()
+        ]
+
+    return [("status", "==", OK)], reason
+
+
+def summary_statuses(inputs: list[str], where) -> dict[str, int]:
+    """Lists by summary status among the summary rows `where` selects (a streamed scan
+    of the status column; a null status counts as "missing")."""
+    import pyarrow.dataset as ds
+
+    from trsr.runner import arrow_where
+
+    counts: dict[str, int] = {}
+    if not inputs:
+        return counts
+    filesystem, _ = storage.arrow_filesystem(inputs[0])
+    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in inputs], filesystem=filesystem, format="parquet")
+    for batch in dataset.to_batches(columns=["status"], filter=arrow_where(where) if where else None):
+        if batch.num_rows == 0:
+            continue
+        values = pc.value_counts(batch.column(0))
+        for status, n in zip(values.field("values").to_pylist(), values.field("counts").to_pylist()):
+            key = status or MISSING
+            counts[key] = counts.get(key, 0) + n
+    return dict(sorted(counts.items()))
+
+
+def check_summaries(what: str, inputs: list[str], where, prompt) -> dict[str, int]:
+    """Before a stage that prompts with `prompt` takes the lists `where` selects: their
+    counts by summary status. Warns when some have no usable summary (saying what the
+    missing_summary policy does with them) and raises DataError when their share is
+    above prompt.max_missing_summary_share. {} for variants without a summary."""
+    if prompt.mode is None:
+        return {}
+    counts = summary_statuses(inputs, where)
+    total = sum(counts.values())
+    without = total - counts.get(OK, 0)
+    if not without:
+        return counts
+    share = without / total
+    detail = ", ".join(f"{status} {n}" for status, n in counts.items() if status != OK)
+    if share > prompt.max_missing_summary_share:
+        raise DataError(
+            f"{what}: {without} of {total} lists ({share:.1%}) have no usable {prompt.mode} summary "
+            f"({detail}), more than score.prompt.max_missing_summary_share="
+            f"{prompt.max_missing_summary_share} allows. Summarize those users (summarize.max_users "
+            f"must cover the lists this stage takes: train.max_lists, score.max_lists) or raise "
+            f"the share (lists without a summary are then {'rejected' if prompt.missing_summary == 'reject' else 'prompted without one'}, "
+            f"score.prompt.missing_summary)"
+        )
+    action = "rejected" if prompt.missing_summary == "reject" else "prompted without a summary"
+    message = (
+        f"{what}: {without} of {total} lists ({share:.1%}) have no usable {prompt.mode} summary "
+        f"({detail}); they are {action} (score.prompt.missing_summary={prompt.missing_summary})"
+    )
+    log.warning(message)
+    print(f"[{what}] warning: {message.split(': ', 1)[1]}", flush=True)
+    return counts

@@ -122,6 +122,16 @@ class RecommendPromptConfig(Section):
     no: str = "No"
     # Which summaries/<mode> to read; null = from the variant (summary_only: hierarchical).
     summary_mode: Literal["hierarchical", "recurrent"] | None = None
+    # A list whose user has no usable summary (not summarized, or its summary flagged:
+    # echo, over_length, ...), for training and scoring alike: "prompt_without" = the
+    # prompt's summary section is left empty (counted in the stats and warned about);
+    # "reject" = neither trained on nor scored, written to the stage's _rejects.parquet
+    # with the summary's status. Variants without a summary (tallrec) ignore it.
+    missing_summary: Literal["prompt_without", "reject"] = "prompt_without"
+    # Training and scoring stop before they start when more than this share of the lists
+    # they take has no usable summary (a summarize run that covered too few users, or a
+    # summarizer that fails): the error gives the counts by status.
+    max_missing_summary_share: float = Field(0.1, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _check(self) -> "RecommendPromptConfig":

@@ -14,8 +14,10 @@ their texts (PROMPT_LISTS, trsr.recommend.lists); its output has the SCORES colu
 (list_id, split, user_id, candidate, label, score, method) with score = softmax over
 (logp_yes, logp_no) = p(yes), plus diagnostics: position (order in the list),
 logp_yes, logp_no, prompt_tokens, history_items, items_dropped, summary_words_cut,
-caps_shortened, summary_status. Users without a usable summary are scored all the same
-and counted in the stats.
+caps_shortened, summary_status. Lists whose user has no usable summary are prompted
+without one or go to the rejects (score.prompt.missing_summary, shared with training),
+counted in the stats; more of them than score.prompt.max_missing_summary_share stops the
+stage before it starts (`lists.check_summaries`).
 """
 
 from __future__ import annotations
@@ -186,6 +188,7 @@ def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:
     inputs, _ = ranking_lists.source(run, mode)
     engine = config.engine
     method = config.method_name
+    keep, decline_reason = ranking_lists.summary_policy(config.prompt)
     return StageJob(
         name=f"score {method} {split}",
         folder=run.scores(method, split),
@@ -210,6 +213,8 @@ def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:
         block_stats=_block_stats,
         units=_lists_in,
         details={"method": method, "split": split, "adapter": engine.lora_adapter},
+        keep=keep,
+        decline_reason=decline_reason,
     )
 
 
@@ -298,6 +303,7 @@ def score(experiment: "ExperimentConfig", split: str | None = "test", force: boo
     result: dict = {}
     for name in splits:
         job = score_job(experiment, name)
+        ranking_lists.check_summaries(job.name, job.inputs, job.where, config.prompt)
         stats = run_stage(job, experiment.runner, force=force)
         if stats.get("saturated"):
             log.warning("score %s %s: %d score(s) at exactly 0 or 1 (float saturation)", method, name, stats["saturated"])
@@ -312,7 +318,8 @@ def describe(result: dict) -> str:
         lines.append(
             f"score {s['method']} {split}: {s['lists']}/{s['lists_in_split']} lists, "
             f"{s['candidates']} candidates, {s['lists_without_summary']} list(s) without a summary, "
-            f"{s['seconds']:.1f} s ({s['candidates_per_s']} candidates/s)"
+            + (f"{s['rows_declined']} rejected without a summary, " if s.get("rows_declined") else "")
+            + f"{s['seconds']:.1f} s ({s['candidates_per_s']} candidates/s)"
             + (" [up to date, skipped]" if s.get("skipped") else "")
         )
     return "\n".join(lines)

@@ -175,6 +175,7 @@ def texts_job(experiment: "ExperimentConfig", model: str) -> StageJob:
     mode = score_config.prompt.mode
     inputs, _ = ranking_lists.source(run, mode)
     prepared, summaries = ranking_lists.input_fingerprints(run, score_config.prompt)
+    keep, decline_reason = ranking_lists.summary_policy(score_config.prompt)
     return StageJob(
         name=f"training texts {method}",
         folder=run.training_texts(method),
@@ -192,6 +193,8 @@ def texts_job(experiment: "ExperimentConfig", model: str) -> StageJob:
         block_stats=_texts_stats,
         units=lambda table: int(pc.sum(pc.equal(table.column("position"), 0)).as_py() or 0),
         details={"method": method},
+        keep=keep,
+        decline_reason=decline_reason,
     )
 
 
@@ -211,7 +214,7 @@ def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
     import pyarrow.dataset as ds
 
     from trsr.data.catalogue import Catalogue
-    from trsr.runner import _arrow_where
+    from trsr.runner import arrow_where
 
     score_config: ScoreConfig = experiment.score
     run = RunFolder(experiment.run_dir)
@@ -219,8 +222,9 @@ def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
     inputs, _ = ranking_lists.source(run, mode)
     filesystem, _ = storage.arrow_filesystem(inputs[0])
     dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in inputs], filesystem=filesystem, format="parquet")
+    keep, _ = ranking_lists.summary_policy(score_config.prompt)
     table = dataset.to_table(
-        columns=ranking_lists.columns(mode), filter=_arrow_where(ranking_lists.where("valid", n))
+        columns=ranking_lists.columns(mode), filter=arrow_where([*ranking_lists.where("valid", n), *keep])
     ).sort_by("list_id")
     if table.num_rows == 0:
         return PROMPT_LISTS.empty_table()
@@ -263,6 +267,7 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
 
     started = time.perf_counter()
     texts = texts_job(experiment, lora.model)
+    ranking_lists.check_summaries(texts.name, texts.inputs, texts.where, score_config.prompt)
     texts_stats = run_stage(texts, experiment.runner, force=force)
     if texts_stats.get("examples", 0) == 0:
         raise TrsrError(f"{run.lists('train')}: no training lists")
