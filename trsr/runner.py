@@ -690,8 +690,9 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     units = int(output["stats"].pop("units", 0))
     if units != rows_in - declined:
         raise TrsrError(
-            f"{job.name}: {rows_in - declined} {job.unit} in ({declined} more declined), but "
-            f"{folder.path} holds {units} ({output['rows']} rows): {job.unit} were lost or written twice"
+            f"{job.name}: {rows_in - declined} {job.unit} in"
+            + (f" ({declined} more declined)" if declined else "")
+            + f", but {folder.path} holds {units} ({output['rows']} rows): {job.unit} were lost or written twice"
         )
     rejected = _write_rejects(job, declined) if failed or declined else 0
     if rejected != failed + declined:
