@@ -9,6 +9,7 @@
     trsr score           score ranking lists with p(yes) (Ray Data batch inference)
     trsr evaluate        metrics of every scored method with bootstrap intervals
     trsr run             run the whole pipeline from one experiment config
+    trsr plan            what every stage asks of the cluster, checked against its shape
 
 Every command that takes --config also takes --set key=value overrides (dotted keys,
 YAML values), e.g. --set prepare.protocol.min_history=5. Configs: jobs/configs/*.yaml.
@@ -187,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--force", action="store_true", help="rerun stages even if up to date")
     _add_config_args(run, required=True)
+
+    plan = commands.add_parser(
+        "plan",
+        help="the GPUs and CPUs every stage asks for, checked against a cluster",
+        description="Reads: the experiment config (nothing else; no data, no Ray job). "
+        "Prints every stage `trsr run` would start with the actors it asks for at once, "
+        "and checks that each stage fits the cluster: --cluster NODESxGPUS[:CPUS] (e.g. "
+        "12x8), else `cluster` of the recipe, else the connected (or a local) Ray cluster. "
+        "Exits 2, naming the stage and the numbers, when one does not fit. "
+        "Example: trsr plan --config jobs/configs/mind_cluster.yaml --cluster 12x8",
+        epilog=EPILOG,
+    )
+    plan.add_argument("--cluster", default=None, help="declared shape: NODESxGPUS[:CPUS per node], e.g. 12x8:96")
+    _add_config_args(plan, required=True)
     return parser
 
 
@@ -304,6 +319,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from trsr import plan
+
+    experiment = load(ExperimentConfig, args.config, args.overrides)
+    shape = args.cluster or experiment.cluster
+    if shape:
+        cluster = plan.ClusterShape.parse(shape)
+    else:
+        from trsr.ray_utils import init_ray
+
+        init_ray()
+        cluster = plan.ClusterShape.connected()
+    plans = plan.experiment_plan(experiment)
+    print(f"cluster: {cluster.describe()}")
+    print(plan.table(plans, cluster))
+    plan.require_plan(experiment, cluster)
+    print("every stage fits")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -321,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("score", None): _cmd_score,
         ("evaluate", None): _cmd_evaluate,
         ("run", None): _cmd_run,
+        ("plan", None): _cmd_plan,
     }
     key = (args.command, getattr(args, "data_command", None))
     try:

@@ -45,6 +45,11 @@ class ExperimentConfig(Section):
     variants: list[Variant] | None = None
     # `trsr run` also trains and scores baselines.models, for the same table.
     with_baselines: bool = False
+    # The cluster the recipe is written for, NODESxGPUS[:CPUS per node] (e.g. 12x8):
+    # `trsr run` checks every stage's resources against it before any work (`trsr plan`
+    # prints them). null = against the connected Ray cluster (a cluster that autoscales
+    # should declare its full shape here).
+    cluster: str | None = None
 
     @model_validator(mode="after")
     def _check_variants(self) -> "ExperimentConfig":
@@ -55,6 +60,10 @@ class ExperimentConfig(Section):
                 raise ValueError(f"variants has duplicates: {self.variants}")
             if self.score.method is not None and len(self.variants) > 1:
                 raise ValueError("score.method names one method; leave it null when variants lists several")
+        if self.cluster is not None:
+            from trsr.plan import ClusterShape
+
+            ClusterShape.parse(self.cluster)
         for variant in self.variants or []:
             mode = self.for_variant(variant).score.prompt.mode
             if mode is not None and mode not in self.summarize.modes:

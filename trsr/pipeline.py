@@ -28,6 +28,20 @@ def _stage(name: str, run: Callable[[], dict], describe: Callable[[dict], str], 
     return result
 
 
+def check_resources(experiment: ExperimentConfig) -> None:
+    """Before any work: every stage fits the declared cluster (`cluster`) or the
+    connected one (trsr.plan); ConfigError naming the stages that do not."""
+    from trsr.plan import ClusterShape, require_plan
+    from trsr.ray_utils import init_ray
+
+    if experiment.cluster:
+        cluster = ClusterShape.parse(experiment.cluster)
+    else:
+        init_ray()
+        cluster = ClusterShape.connected()
+    require_plan(experiment, cluster)
+
+
 def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
     from trsr.data.prepare import describe as describe_prepare
     from trsr.data.prepare import prepare
@@ -42,6 +56,7 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
     started = time.perf_counter()
     results: dict = {}
     print(f"run folder {experiment.run_dir}", flush=True)
+    check_resources(experiment)
     _stage("prepare", lambda: prepare(experiment, force=force), describe_prepare, results)
     needs_summaries = any(experiment.for_variant(v).score.prompt.mode for v in experiment.variant_names())
     if needs_summaries:
