@@ -7,9 +7,11 @@
 set -euo pipefail
 export RAY_ADDRESS="${RAY_ADDRESS:-http://127.0.0.1:8265}"
 : "${RAY_AUTH_TOKEN:?export RAY_AUTH_TOKEN (the cluster's auth token) first}"
-CONFIG="${1:-jobs/configs/mind.yaml}"
+CONFIG="${1:-jobs/configs/mind_cluster.yaml}"
 RUN_DIR="${2:-s3://YOUR_BUCKET/trsr/$(basename "$CONFIG" .yaml)}"
 
+# Will it fit? (reads the config only; the recipe's `cluster` key or --cluster 12x8)
+#   trsr plan --config "$CONFIG"
 # The whole pipeline (prepare -> ... -> evaluate) into one run folder on S3:
 ray job submit --runtime-env cluster/runtime_env.yaml --no-wait -- \
   python -m jobs.pipeline --config "$CONFIG" --set run_dir="$RUN_DIR"
