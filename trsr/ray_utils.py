@@ -30,14 +30,15 @@ def init_ray(local_cpus: int | None = None) -> None:
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = local_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+    # The local cluster's workers inherit this process's environment (credentials
+    # included). Only settings are repeated in the runtime env, never credentials:
+    # a runtime env is job metadata (shown by the dashboard and the State API).
     env_vars = {
         key: os.environ[key]
         for key in (
             "HF_HUB_OFFLINE",
             "TRSR_CACHE",
             "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
             "AWS_DEFAULT_REGION",
             "VLLM_CPU_KVCACHE_SPACE",
             "VLLM_CPU_OMP_THREADS_BIND",
