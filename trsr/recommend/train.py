@@ -509,7 +509,7 @@ def _train_loop(loop_config: dict) -> None:
             # Saved by another number of workers: the ZeRO partitions differ (see
             # _deepspeed_config); the LoRA weights came from adapter/ above.
             full = torch.load(
-                os.path.join(restore_dir, DEEPSPEED_DIR, FULL_OPTIMIZER_FILE), map_location="cpu", weights_only=False
+                os.path.join(restore_dir, DEEPSPEED_DIR, FULL_OPTIMIZER_FILE), map_location="cpu", weights_only=True
             )
             _deepspeed_load_full_state(engine, full)
         # DeepSpeed's exclude_frozen_parameters misses frozen weights that are tied
@@ -533,7 +533,7 @@ def _train_loop(loop_config: dict) -> None:
         )
         if restore_dir:
             # Replicated on every rank, so it loads under any number of workers.
-            saved = torch.load(os.path.join(restore_dir, OPTIMIZER_FILE), map_location=device, weights_only=False)
+            saved = torch.load(os.path.join(restore_dir, OPTIMIZER_FILE), map_location=device, weights_only=True)
             optimizer.load_state_dict(saved["optimizer"])
         peft_model = model
         forward = model
