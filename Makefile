@@ -12,7 +12,7 @@ STAMP := $(VENV)/.trsr-installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean lock-gpu
 
 setup: $(STAMP)
 
@@ -39,6 +39,10 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/prepare_throughput.py
+
+# Resolve trsr[gpu] again for the cluster image (cluster/Dockerfile); needs PyPI.
+lock-gpu: setup
+	$(PY) cluster/lock_gpu.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
