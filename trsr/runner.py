@@ -313,7 +313,8 @@ class _ProgressPrinter(threading.Thread):
 
 
 class DriverHeapTrimmer(threading.Thread):
-    """Calls glibc's malloc_trim(0) every `seconds` while a stage runs.
+    """Calls glibc's malloc_trim(0), and has Arrow's allocator release what it keeps,
+    every `seconds` while a stage runs.
 
     Why home-made: Ray has no setting for it. Measured on the scale benchmark's data
     path (benchmarks/scale.py): the driver's live Python objects grow by ~10 KB per
@@ -330,11 +331,15 @@ class DriverHeapTrimmer(threading.Thread):
         self.trim = _malloc_trim()
 
     def run(self) -> None:
-        while self.trim is not None and not self.stopped.wait(self.seconds):
-            self.trim(0)
+        while not self.stopped.wait(self.seconds):
+            self._release()
 
     def stop(self) -> None:
         self.stopped.set()
+        self._release()
+
+    def _release(self) -> None:
+        storage.release_arrow_memory()  # Arrow's own allocator (mimalloc) keeps freed memory too
         if self.trim is not None:
             self.trim(0)
 
@@ -423,13 +428,14 @@ def read_parquet(paths: list[str], filesystem=None, columns: list[str] | None = 
 def count_rows(paths: list[str], where: Where = ()) -> int:
     """Rows of Parquet files matching `where`: footers only without conditions, else a
     scan of the condition columns (streamed)."""
-    import pyarrow.dataset as ds
-
     if not paths:
         return 0
-    filesystem, _ = storage.arrow_filesystem(paths[0])
-    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem, format="parquet")
-    return dataset.count_rows(filter=arrow_where(where)) if where else dataset.count_rows()
+    if not where:
+        return storage.parquet_dataset(paths).count_rows()
+    columns = list(dict.fromkeys(column for column, _, _ in where))
+    rows = sum(batch.num_rows for batch in storage.scan_batches(paths, columns=columns, filter=arrow_where(where)))
+    storage.release_arrow_memory()
+    return rows
 
 
 def _committed_rows(folder: StageFolder, id_column: str) -> int:
@@ -486,9 +492,7 @@ def _output_stats(job: StageJob, earlier: set[str]) -> dict:
     earlier_names = {posixpath.basename(path) for path in earlier}
     for fragment in job.folder.dataset().get_fragments():
         new = posixpath.basename(fragment.path) not in earlier_names
-        for batch in fragment.to_batches():
-            if batch.num_rows == 0:
-                continue
+        for batch in storage.scan_batches(fragment):
             table = pa.Table.from_batches([batch])
             rows += table.num_rows
             failed = pc.is_valid(table.column(ERROR))
@@ -523,17 +527,14 @@ def _arrow_mask(table: pa.Table, where: Where) -> pa.Array:
 def _declined_rejects(job: StageJob) -> list[pa.Table]:
     """REJECTS rows for the input rows `job.keep` declines: a streamed scan of the
     inputs (the `where` and `keep` columns and the ids), one batch at a time."""
-    import pyarrow.dataset as ds
-
-    filesystem, _ = storage.arrow_filesystem(job.inputs[0])
-    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=filesystem, format="parquet")
+    dataset = storage.parquet_dataset(job.inputs)
     wanted = {job.id_column, *(c for c, _, _ in job.where), *(c for c, _, _ in job.keep)}
     wanted |= {"user_id"} & set(dataset.schema.names)
     columns = [name for name in dataset.schema.names if name in wanted]
     where = arrow_where(job.where) if job.where else None
     parts = []
     for fragment in dataset.get_fragments():
-        for batch in fragment.to_batches(columns=columns, filter=where):
+        for batch in storage.scan_batches(fragment, columns=columns, filter=where):
             table = pa.Table.from_batches([batch])
             declined = table.filter(pc.invert(_arrow_mask(table, job.keep)))
             n = declined.num_rows
@@ -564,9 +565,7 @@ def _write_rejects(job: StageJob, declined: int) -> int:
     import pyarrow.dataset as ds
 
     parts = _declined_rejects(job) if declined else []
-    for batch in job.folder.dataset().to_batches(filter=ds.field(ERROR).is_valid()):
-        if batch.num_rows == 0:
-            continue
+    for batch in storage.scan_batches(job.folder.dataset(), filter=ds.field(ERROR).is_valid()):
         table = pa.Table.from_batches([batch])
         n = table.num_rows
         ids = table.column(job.id_column).cast(pa.string())
@@ -686,6 +685,7 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     seconds = time.perf_counter() - started
 
     output = _output_stats(job, earlier)
+    storage.release_arrow_memory()
     failed = int(output["stats"].pop("failed", 0))
     units = int(output["stats"].pop("units", 0))
     if units != rows_in - declined:

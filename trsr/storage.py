@@ -11,7 +11,7 @@ import json
 import os
 import posixpath
 from functools import lru_cache
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -115,3 +115,39 @@ def write_text(text: str, path: str) -> None:
         makedirs(parent)
     with open_binary(path, "wb") as handle:
         handle.write(text.encode())
+
+
+# ------------------------------------------------------------------ driver-side scans
+
+# What the driver scans (counts, checks and stats over a stage's inputs or outputs) it
+# reads in small batches without read-ahead: pyarrow's defaults (16 batches ahead, 4
+# files ahead, up to 128k-row batches) cost +350 MB of driver memory for the history
+# column of 1M lists, measured, against +46 MB this way, at about the same speed.
+SCAN_BATCH_ROWS = 16_384
+
+
+def parquet_dataset(paths: str | list[str]):
+    """A pyarrow dataset over Parquet files (or one folder), local or s3://."""
+    import pyarrow.dataset as ds
+
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    filesystem, _ = arrow_filesystem(paths[0])
+    inner = [arrow_filesystem(p)[1] for p in paths]
+    return ds.dataset(inner[0] if len(inner) == 1 else inner, filesystem=filesystem, format="parquet")
+
+
+def scan_batches(source, columns: list[str] | None = None, filter=None) -> Iterator[pa.RecordBatch]:
+    """Record batches of `source` (paths, or a dataset or fragment), one small batch at
+    a time (SCAN_BATCH_ROWS, no read-ahead): flat driver memory on any size."""
+    if isinstance(source, (str, list)):
+        source = parquet_dataset(source)
+    for batch in source.to_batches(
+        columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0
+    ):
+        if batch.num_rows:
+            yield batch
+
+
+def release_arrow_memory() -> None:
+    """Return the memory Arrow's allocator (mimalloc or jemalloc) keeps after a scan."""
+    pa.default_memory_pool().release_unused()

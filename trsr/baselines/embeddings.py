@@ -120,13 +120,8 @@ class EncodeStage:
 def _used_items(run: RunFolder) -> pa.Array:
     """Items in some ranking list (history or candidate), from a streamed scan of the
     prepared lists: the result is bounded by the catalogue, not by the users."""
-    import pyarrow.dataset as ds
-
-    paths = [run.lists(split) for split in SPLITS]
-    filesystem, _ = storage.arrow_filesystem(paths[0])
-    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem, format="parquet")
     seen: set[str] = set()
-    for batch in dataset.to_batches(columns=["history", "candidates"]):
+    for batch in storage.scan_batches([run.lists(split) for split in SPLITS], columns=["history", "candidates"]):
         for name in ("history", "candidates"):
             seen.update(pc.unique(pc.list_flatten(batch.column(name))).to_pylist())
     return pa.array(sorted(seen), pa.string())

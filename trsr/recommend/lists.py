@@ -170,18 +170,12 @@ def summary_policy(prompt) -> tuple[list[tuple[str, str, Any]], Callable[[pa.Tab
 def summary_statuses(inputs: list[str], where) -> dict[str, int]:
     """Lists by summary status among the summary rows `where` selects (a streamed scan
     of the status column; a null status counts as "missing")."""
-    import pyarrow.dataset as ds
-
     from trsr.runner import arrow_where
 
     counts: dict[str, int] = {}
     if not inputs:
         return counts
-    filesystem, _ = storage.arrow_filesystem(inputs[0])
-    dataset = ds.dataset([storage.arrow_filesystem(p)[1] for p in inputs], filesystem=filesystem, format="parquet")
-    for batch in dataset.to_batches(columns=["status"], filter=arrow_where(where) if where else None):
-        if batch.num_rows == 0:
-            continue
+    for batch in storage.scan_batches(inputs, columns=["status"], filter=arrow_where(where) if where else None):
         values = pc.value_counts(batch.column(0))
         for status, n in zip(values.field("values").to_pylist(), values.field("counts").to_pylist()):
             key = status or MISSING

@@ -75,16 +75,10 @@ def storage_rows(path: str) -> int:
 def longest_history(run: RunFolder) -> int:
     """The longest history of the prepared lists (Parquet statistics are not enough for
     list lengths: a streamed scan of the history column)."""
-    import pyarrow.dataset as ds
-
-    filesystem, _ = storage.arrow_filesystem(run.lists("test"))
-    dataset = ds.dataset(
-        [storage.arrow_filesystem(run.lists(s))[1] for s in SPLITS], filesystem=filesystem, format="parquet"
-    )
     longest = 0
-    for batch in dataset.to_batches(columns=["history"]):
-        if batch.num_rows:
-            longest = max(longest, int(pc.max(pc.list_value_length(batch.column(0))).as_py() or 0))
+    for batch in storage.scan_batches([run.lists(s) for s in SPLITS], columns=["history"]):
+        longest = max(longest, int(pc.max(pc.list_value_length(batch.column(0))).as_py() or 0))
+    storage.release_arrow_memory()
     return longest
 
 
