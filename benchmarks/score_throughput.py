@@ -125,7 +125,7 @@ def timed(fn) -> float:
 
 
 def measure(args, backend: str, base, llm_lists, tallrec_lists) -> dict:
-    from trsr.llm.engine import build_engine
+    from trsr.llm.factory import build_engine
     from trsr.recommend.score import ScoreStage
 
     config = base.score.model_copy(update={"engine": base.score.engine.model_copy(update={"backend": backend})})

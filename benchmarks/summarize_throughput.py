@@ -145,7 +145,7 @@ def run_bare(experiment) -> tuple[dict, dict]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from trsr.llm.engine import build_engine
+    from trsr.llm.factory import build_engine
     from trsr import storage
     from trsr.runs import RunFolder
     from trsr.summarize.job import INPUT_SPLITS, split_caps

@@ -113,7 +113,8 @@ def tiny_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def hf_engine(tiny_model):
-    from trsr.llm.engine import EngineConfig, build_engine
+    from trsr.llm.engine import EngineConfig
+    from trsr.llm.factory import build_engine
 
     engine = build_engine(
         EngineConfig(backend="transformers", model=tiny_model, dtype="float32", max_model_len=256, batch_size=4)

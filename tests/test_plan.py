@@ -10,7 +10,8 @@ import pytest
 from trsr.config import load
 from trsr.errors import ConfigError
 from trsr.experiment import ExperimentConfig
-from trsr.plan import ActorGroup, ClusterShape, StagePlan, check_plan, experiment_plan, require_plan, stage_problem
+from trsr.plan import ActorGroup, StagePlan, check_plan, experiment_plan, require_plan, stage_problem
+from trsr.ray_utils import ClusterShape
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 

@@ -248,7 +248,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from trsr import storage
     from trsr.data.prepare import describe
-    from trsr.data.schema import SPLITS
+    from trsr.schema import SPLITS
     from trsr.data.stats import table1
     from trsr.runs import RunFolder
 
@@ -324,13 +324,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     experiment = load(ExperimentConfig, args.config, args.overrides)
     shape = args.cluster or experiment.cluster
-    if shape:
-        cluster = plan.ClusterShape.parse(shape)
-    else:
-        from trsr.ray_utils import init_ray
+    from trsr.ray_utils import ClusterShape, init_ray
 
+    if shape:
+        cluster = ClusterShape.parse(shape)
+    else:
         init_ray()
-        cluster = plan.ClusterShape.connected()
+        cluster = ClusterShape.connected()
     plans = plan.experiment_plan(experiment)
     print(f"cluster: {cluster.describe()}")
     print(plan.table(plans, cluster))

@@ -21,6 +21,7 @@ from trsr.evaluate.report import EvaluateConfig
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.prompt import VARIANTS
 from trsr.recommend.sft import SFTConfig
+from trsr.ray_utils import ClusterShape
 from trsr.runner import RunnerConfig
 from trsr.summarize.config import SummarizeConfig
 
@@ -61,8 +62,6 @@ class ExperimentConfig(Section):
             if self.score.method is not None and len(self.variants) > 1:
                 raise ValueError("score.method names one method; leave it null when variants lists several")
         if self.cluster is not None:
-            from trsr.plan import ClusterShape
-
             ClusterShape.parse(self.cluster)
         for variant in self.variants or []:
             mode = self.for_variant(variant).score.prompt.mode

@@ -31,8 +31,8 @@ def _stage(name: str, run: Callable[[], dict], describe: Callable[[dict], str], 
 def check_resources(experiment: ExperimentConfig) -> None:
     """Before any work: every stage fits the declared cluster (`cluster`) or the
     connected one (trsr.plan); ConfigError naming the stages that do not."""
-    from trsr.plan import ClusterShape, require_plan
-    from trsr.ray_utils import init_ray
+    from trsr.plan import require_plan
+    from trsr.ray_utils import ClusterShape, init_ray
 
     if experiment.cluster:
         cluster = ClusterShape.parse(experiment.cluster)

@@ -19,10 +19,10 @@ against the connected Ray cluster, before the first stage.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from trsr.errors import ConfigError
+from trsr.ray_utils import ClusterShape
 
 
 @dataclass(frozen=True)
@@ -66,53 +66,6 @@ class StagePlan:
         return sum(g.total * g.cpus for g in self.groups if g.together) + max(
             [g.cpus for g in self.groups if not g.together], default=0.0
         )
-
-
-@dataclass(frozen=True)
-class ClusterShape:
-    """Nodes as (GPUs, CPUs) each; CPUs None = not declared (not checked)."""
-
-    nodes: tuple[tuple[float, float | None], ...]
-    label: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> "ClusterShape":
-        """"12x8" = 12 nodes of 8 GPUs; "12x8:96" = with 96 CPUs each; "1x0:8" = one
-        CPU node with 8 CPUs."""
-        found = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+(?:\.\d+)?)\s*(?::\s*(\d+(?:\.\d+)?))?\s*", text or "")
-        if not found or int(found.group(1)) < 1:
-            raise ConfigError(
-                f"cluster {text!r}: expected NODESxGPUS[:CPUS] per node, e.g. 12x8 or 12x8:96"
-            )
-        nodes, gpus = int(found.group(1)), float(found.group(2))
-        cpus = float(found.group(3)) if found.group(3) else None
-        return cls(tuple((gpus, cpus) for _ in range(nodes)), label=text.strip())
-
-    @classmethod
-    def connected(cls) -> "ClusterShape":
-        """The alive nodes of the Ray cluster this process is connected to."""
-        import ray
-
-        nodes = tuple(
-            (float(n["Resources"].get("GPU", 0.0)), float(n["Resources"].get("CPU", 0.0)))
-            for n in ray.nodes()
-            if n.get("Alive")
-        )
-        return cls(nodes, label="the connected Ray cluster")
-
-    @property
-    def gpus(self) -> float:
-        return sum(g for g, _ in self.nodes)
-
-    def describe(self) -> str:
-        gpus = {g for g, _ in self.nodes}
-        cpus = {c for _, c in self.nodes}
-        shape = (
-            f"{len(self.nodes)} node(s) x {next(iter(gpus)):g} GPUs" if len(gpus) == 1 else f"{len(self.nodes)} nodes, {self.gpus:g} GPUs"
-        )
-        if None not in cpus:
-            shape += f" x {next(iter(cpus)):g} CPUs" if len(cpus) == 1 else f", {sum(c for _, c in self.nodes):g} CPUs"
-        return f"{self.label} ({shape})" if self.label and self.label != shape else shape
 
 
 # ------------------------------------------------------------------------------ plan

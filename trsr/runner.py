@@ -66,7 +66,7 @@ from pydantic import Field
 
 from trsr import storage
 from trsr.config import Section
-from trsr.data.schema import REJECTS
+from trsr.schema import REJECTS
 from trsr.errors import TrsrError
 from trsr.ray_utils import init_ray, require_resources
 from trsr.runs import StageFolder

@@ -35,7 +35,7 @@ from typing import Any
 import pyarrow as pa
 
 from trsr import storage
-from trsr.data.schema import SPLITS
+from trsr.schema import SPLITS
 from trsr.errors import TrsrError
 
 MANIFEST = "_manifest.json"
@@ -201,6 +201,17 @@ class RunFolder:
     def training(self, method: str) -> StageFolder:
         """The LoRA run of `method` (result.json + checkpoints under lora/)."""
         return StageFolder(storage.join(self.root, "train", method), f"train/{method}")
+
+    def best_adapter(self, method: str) -> str:
+        """The best adapter of the last `trsr train` of `method` (local or s3:// path),
+        from the training's result.json."""
+        path = storage.join(self.training(method).path, "result.json")
+        if not storage.exists(path):
+            raise TrsrError(
+                f"{path}: not found; run `trsr train` for {method} first, or set "
+                "train.enabled=false to score with the base model, or score.engine.lora_adapter=<folder>"
+            )
+        return storage.read_json(path)["best_adapter"]
 
     def training_texts(self, method: str) -> StageFolder:
         return StageFolder(storage.join(self.root, "train", method, "texts"), f"train/{method}/texts")

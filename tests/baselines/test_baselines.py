@@ -20,7 +20,7 @@ from trsr.baselines.embeddings import compute_embeddings, embeddings_path, load_
 from trsr.baselines.job import run_baselines, scores_path
 from trsr.config import load
 from trsr.data.prepare import prepare
-from trsr.data.schema import SCORES
+from trsr.schema import SCORES
 from trsr.errors import ConfigError
 from trsr.evaluate.metrics import per_list_metrics
 from trsr.experiment import ExperimentConfig

@@ -5,7 +5,7 @@ import pytest
 from trsr.config import ProtocolConfig
 from trsr.data import protocol
 from trsr.data.rejects import Rejects
-from trsr.data.schema import SAMPLES, SEQUENCES
+from trsr.schema import SAMPLES, SEQUENCES
 
 
 def make_sequences(lengths: dict[str, int], catalogue: int = 200) -> tuple[pa.Table, list[str]]:

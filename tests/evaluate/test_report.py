@@ -8,7 +8,7 @@ import pytest
 
 from trsr import storage
 from trsr.config import load
-from trsr.data.schema import SCORES
+from trsr.schema import SCORES
 from trsr.errors import TrsrError
 from trsr.evaluate.report import evaluate, find_methods
 from trsr.experiment import ExperimentConfig

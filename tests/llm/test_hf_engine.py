@@ -14,9 +14,9 @@ from trsr.llm.engine import (
     EngineConfig,
     GenerationParams,
     PromptTooLongError,
-    build_engine,
     trim_at_stop,
 )
+from trsr.llm.factory import build_engine
 
 PROMPTS = [
     "Hello there, how are you today?",

@@ -11,7 +11,8 @@ import importlib.util
 
 import pytest
 
-from trsr.llm.engine import EngineConfig, GenerationParams, PromptTooLongError, build_engine
+from trsr.llm.engine import EngineConfig, GenerationParams, PromptTooLongError
+from trsr.llm.factory import build_engine
 
 pytestmark = [
     pytest.mark.integration,

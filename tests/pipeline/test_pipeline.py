@@ -9,7 +9,7 @@ import pytest
 
 from trsr import storage
 from trsr.config import load
-from trsr.data.schema import SCORES
+from trsr.schema import SCORES
 from trsr.errors import ConfigError, TrsrError
 from trsr.experiment import ExperimentConfig
 from trsr.runs import RunFolder

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from trsr.data.schema import SAMPLES, SCORES, conform
+from trsr.schema import SAMPLES, SCORES, conform
 from trsr.errors import TrsrError
 from trsr.llm.engine import EngineConfig
 from trsr.recommend.config import ScoreConfig
@@ -150,7 +150,7 @@ def test_p_yes_is_stable():
 
 
 def lists_rows(with_summary: bool):
-    from trsr.data.schema import LISTS
+    from trsr.schema import LISTS
 
     rows = [
         dict(list_id="test:u1", split="test", user_id="u1", list_index=0, history=["i1", "i2", "i3"],
@@ -200,7 +200,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     from trsr.data.prepare import load_samples, prepare
     from trsr.experiment import ExperimentConfig
     from trsr.recommend.score import read_scores, score
-    from trsr.data.schema import SUMMARIES
+    from trsr.schema import SUMMARIES
     from trsr import storage
 
     overrides = [

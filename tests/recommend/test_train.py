@@ -10,7 +10,8 @@ import random
 import pytest
 
 from trsr.errors import ConfigError, InputFileError
-from trsr.recommend.train import TrainConfig, copy_adapter, lr_factor, planned_steps, train_lora
+from trsr.llm.adapters import copy_adapter
+from trsr.recommend.train import TrainConfig, lr_factor, planned_steps, train_lora
 from trsr.recommend.train_data import (
     IGNORE_INDEX,
     StepFiller,
@@ -48,7 +49,8 @@ def auc(scores: list[float], labels: list[bool]) -> float:
 
 
 def held_out_auc(model: str, adapter: str | None, examples) -> float:
-    from trsr.llm.engine import EngineConfig, build_engine
+    from trsr.llm.engine import EngineConfig
+    from trsr.llm.factory import build_engine
 
     config = EngineConfig(
         backend="transformers", model=model, dtype="float32", max_model_len=64, batch_size=8,
@@ -361,7 +363,8 @@ def test_lora_learns_a_toy_task_and_validation_picks_the_best_epoch(tiny_model, 
 
     def valid_fn(adapter_dir: str, epoch: int) -> dict:
         # Runs in the Ray Train worker: self-contained (no test-module globals).
-        from trsr.llm.engine import EngineConfig, build_engine
+        from trsr.llm.engine import EngineConfig
+        from trsr.llm.factory import build_engine
 
         config = EngineConfig(backend="transformers", model=tiny_model, dtype="float32",
                               max_model_len=64, batch_size=8, lora_adapter=adapter_dir)

@@ -3,7 +3,7 @@
 import pyarrow as pa
 import pytest
 
-from trsr.data.schema import LISTS, SUMMARIES
+from trsr.schema import LISTS, SUMMARIES
 from trsr.llm.engine import EngineConfig
 from trsr.summarize.config import GenerationConfig, SummarizeConfig
 from trsr.summarize.stages import (

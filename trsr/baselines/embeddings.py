@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from trsr import storage
 from trsr.baselines.config import EncoderConfig
 from trsr.config import fingerprint
-from trsr.data.schema import SPLITS
+from trsr.schema import SPLITS
 from trsr.data.text import render_item
 from trsr.errors import TrsrError
 from trsr.runs import LAYOUT, RunFolder

@@ -27,7 +27,7 @@ from trsr import storage
 from trsr.baselines.config import NEURAL_MODELS, BaselinesConfig
 from trsr.baselines.data import BaselineData, load_data
 from trsr.config import fingerprint
-from trsr.data.schema import SCORES, conform
+from trsr.schema import SCORES, conform
 from trsr.errors import ConfigError, TrsrError
 from trsr.runs import RunFolder
 

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
-from trsr.data.schema import ATTRIBUTE, ITEMS
+from trsr.schema import ATTRIBUTE, ITEMS
 
 Attributes = list[dict[str, str]]
 

@@ -19,7 +19,7 @@ from trsr.experiment import ExperimentConfig
 from trsr.data import protocol
 from trsr.data.converters import convert
 from trsr.data.rejects import Rejects
-from trsr.data.schema import SPLITS
+from trsr.schema import SPLITS
 from trsr.errors import DataError
 from trsr.data.stats import format_accounting, format_table1, table1
 from trsr.runs import LAYOUT, RunFolder, inputs_signature

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from trsr.config import ProtocolConfig
 from trsr.data.rejects import Rejects
-from trsr.data.schema import LISTS, SAMPLES, SPLITS
+from trsr.schema import LISTS, SAMPLES, SPLITS
 
 PROTOCOL = "protocol"  # stage name in rejects
 SOURCE = "sequences"

@@ -13,7 +13,7 @@ from typing import Iterable
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr.data.schema import REJECTS, conform
+from trsr.schema import REJECTS, conform
 
 RAW_MAX_CHARS = 500
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr.data.schema import SPLITS
+from trsr.schema import SPLITS
 from trsr.data.text import render_item
 from trsr.llm.models import token_counter
 

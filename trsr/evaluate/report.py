@@ -25,11 +25,11 @@ from pydantic import Field, model_validator
 
 from trsr import storage
 from trsr.config import Section
-from trsr.data.schema import SCORES, SPLITS
+from trsr.schema import SCORES, SPLITS
 from trsr.errors import TrsrError
 from trsr.evaluate.metrics import bootstrap_ci, chance_level, per_list_metrics, summarize
-from trsr.recommend.lists import UNUSED
-from trsr.recommend.lists import lists_without_summary as count_without
+from trsr.schema import SUMMARY_UNUSED as UNUSED
+from trsr.schema import lists_without_summary as count_without
 from trsr.runs import RunFolder
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ request's sequences (usually all of the prefix's tokens, or all but its last).
 A prompt must leave room for one more token: its length must be below
 `max_model_len` (truncation belongs to the callers).
 
-`build_engine(config)` checks resources and the model reference first, then imports
+`trsr.llm.factory.build_engine(config)` checks resources and the model reference first, then imports
 the backend: importing this module imports neither torch nor vLLM.
 """
 
@@ -317,47 +317,3 @@ def check_resources(config: EngineConfig) -> None:
             f"engine.tensor_parallel_size={config.tensor_parallel_size} but torch sees only "
             f"{devices} CUDA device(s)"
         )
-
-
-def local_adapter(path: str) -> str:
-    """A local folder holding the adapter at `path`: `path` itself, or for s3:// a copy
-    under the trsr cache (engines load adapters from local files; on a cluster each
-    engine actor fetches its own copy)."""
-    from trsr import storage
-
-    if not storage.is_remote(path):
-        return path
-    import hashlib
-    import os
-
-    from trsr.llm.models import cache_dir
-    from trsr.recommend.train import copy_adapter
-
-    dest = os.path.join(cache_dir(), "adapters", hashlib.sha256(path.encode()).hexdigest()[:16])
-    return copy_adapter(path, dest)
-
-
-def build_engine(config: EngineConfig) -> Engine:
-    """The engine `config` describes; resource and model problems fail before loading."""
-    from trsr.llm.models import resolve
-
-    check_resources(config)
-    resolve(config.model)  # ConfigError for an unknown or missing model, before heavy imports
-    if config.lora_adapter is not None:
-        from pathlib import Path
-
-        config = config.model_copy(update={"lora_adapter": local_adapter(config.lora_adapter)})
-        if not (Path(config.lora_adapter) / "adapter_config.json").is_file():
-            raise ConfigError(
-                f"engine.lora_adapter={config.lora_adapter!r}: not a PEFT adapter folder "
-                "(no adapter_config.json)"
-            )
-    if config.backend == "transformers":
-        from trsr.llm.hf_engine import HFEngine
-
-        return HFEngine(config)
-    if config.backend == "vllm":
-        from trsr.llm.vllm_engine import VLLMEngine
-
-        return VLLMEngine(config)
-    raise ConfigError(f"engine.backend={config.backend!r}: expected transformers or vllm")

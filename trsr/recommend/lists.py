@@ -22,16 +22,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr.data.catalogue import Catalogue
-from trsr.data.schema import ATTRIBUTE, LISTS
+from trsr.schema import ATTRIBUTE, LISTS, SUMMARY_MISSING, SUMMARY_OK, SUMMARY_UNUSED
 from trsr import storage
 from trsr.errors import DataError, TrsrError
 from trsr.runs import RunFolder, StageFolder
 
 log = logging.getLogger(__name__)
 
-OK = "ok"
-MISSING = "missing"  # no usable summary row for the user
-UNUSED = "unused"  # tallrec: no summary in the prompt
+OK, MISSING, UNUSED = SUMMARY_OK, SUMMARY_MISSING, SUMMARY_UNUSED
 
 # One ranking list with everything the recommender prompt shows.
 PROMPT_LISTS = pa.schema(
@@ -58,7 +56,7 @@ def source(run: RunFolder, mode: str | None) -> tuple[list[str], str]:
     """(Parquet files, what they are) that hold the lists of a variant reading `mode`
     summaries (None: the prepared lists of every split)."""
     if mode is None:
-        from trsr.data.schema import SPLITS
+        from trsr.schema import SPLITS
 
         return [run.lists(split) for split in SPLITS], "prepared lists"
     folder: StageFolder = run.summaries(mode)
@@ -134,12 +132,6 @@ class AttachItems:
                 )
             )
         return pa.Table.from_pylist(rows, schema=PROMPT_LISTS)
-
-
-def lists_without_summary(summary_status: dict[str, int]) -> int:
-    """Lists prompted without a usable summary, from counts by summary_status (tallrec's
-    "unused" lists read none by design and are not counted)."""
-    return int(sum(n for status, n in summary_status.items() if status not in (OK, UNUSED)))
 
 
 def usable_summary(summary: str | None, status: str, has_summary: bool) -> str | None:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 
 from trsr import storage
 from trsr.config import fingerprint
-from trsr.data.schema import SCORES, SPLITS
+from trsr.schema import SCORES, SPLITS, lists_without_summary
 from trsr.errors import ConfigError, TrsrError
 from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import ScoreConfig
@@ -75,7 +75,7 @@ class ScoreStage:
 
     def __init__(self, config: ScoreConfig, engine=None):
         if engine is None:
-            from trsr.llm.engine import build_engine
+            from trsr.llm.factory import build_engine
 
             engine = build_engine(config.engine)
         self.engine = engine
@@ -165,9 +165,7 @@ def resolve_adapter(experiment: "ExperimentConfig") -> str | None:
     train = getattr(experiment, "train", None)
     if train is None or not train.enabled:
         return None
-    from trsr.recommend.sft import trained_adapter
-
-    return trained_adapter(experiment.run_dir, config.method_name)
+    return RunFolder(experiment.run_dir).best_adapter(config.method_name)
 
 
 def stage_fingerprint(experiment: "ExperimentConfig", run: RunFolder, split: str) -> str:
@@ -259,7 +257,7 @@ def split_stats(stats: dict, lists_in_split: int) -> dict:
         "lists_in_split": lists_in_split,
         "candidates": candidates,
         "summary_status": dict(sorted(statuses.items())),
-        "lists_without_summary": ranking_lists.lists_without_summary(statuses),
+        "lists_without_summary": lists_without_summary(statuses),
         "history_items": {
             "min": stats.get("min:history_items"),
             "mean": round(stats.get("history_items_sum", 0) / lists, 3) if lists else 0.0,

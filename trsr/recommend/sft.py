@@ -13,7 +13,7 @@
       -> train/<method>/result.json        loss per epoch, validation, best adapter
          train/<method>/_manifest.json     fingerprint: skip when nothing changed
 
-The score stage then loads the best adapter (`trained_adapter`) unless the config names
+The score stage then loads the best adapter (`RunFolder.best_adapter`) unless the config names
 one itself (`score.engine.lora_adapter`) or training is off (`train.enabled: false`: the
 base model scores zero-shot).
 """
@@ -97,21 +97,6 @@ class SFTConfig(TrainConfig):
         return TrainConfig(**fields)
 
 
-def stage_dir(run_dir: str, method: str) -> str:
-    return RunFolder(run_dir).training(method).path
-
-
-def trained_adapter(run_dir: str, method: str) -> str:
-    """The best adapter of the last `trsr train` of `method` (local or s3:// path)."""
-    path = storage.join(stage_dir(run_dir, method), "result.json")
-    if not storage.exists(path):
-        raise TrsrError(
-            f"{path}: not found; run `trsr train` for {method} first, or set "
-            "train.enabled=false to score with the base model, or score.engine.lora_adapter=<folder>"
-        )
-    return storage.read_json(path)["best_adapter"]
-
-
 class TrainingTexts:
     """PROMPT_LISTS rows -> one EXAMPLES row per candidate (a CPU actor with a tokenizer)."""
 
@@ -152,7 +137,7 @@ class ValidateAdapter:
 
     def __call__(self, adapter_dir: str, epoch: int) -> dict[str, float]:
         from trsr.evaluate.metrics import ranking_metrics
-        from trsr.llm.engine import build_engine
+        from trsr.llm.factory import build_engine
         from trsr.recommend.score import ScoreStage
 
         engine_config = self.config.engine.model_copy(

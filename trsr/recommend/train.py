@@ -120,7 +120,8 @@ from pydantic import Field, model_validator
 
 from trsr import storage
 from trsr.config import Section, fingerprint
-from trsr.errors import ConfigError, InputFileError, TrsrError
+from trsr.errors import ConfigError, TrsrError
+from trsr.llm.adapters import ADAPTER_DIR
 from trsr.llm.models import DEFAULT_LLM
 from trsr.llm.packing import within_sliding_window
 from trsr.recommend.train_data import (
@@ -135,7 +136,6 @@ from trsr.recommend.train_data import (
 from trsr.recommend.train_ingest import ray_filesystem as _ray_filesystem
 
 STATE_FILE = "trainer_state.json"
-ADAPTER_DIR = "adapter"
 OPTIMIZER_FILE = "optimizer.pt"
 DEEPSPEED_DIR = "deepspeed"
 DEEPSPEED_TAG = "state"
@@ -1052,24 +1052,3 @@ def summarize_run(
         "epochs_run": [r["epoch"] for r in ran],
         "wall_seconds": wall,
     }
-
-
-def copy_adapter(checkpoint_path: str, dest: str) -> str:
-    """Copy the adapter of a checkpoint (an `epoch-NNN` folder, or its `adapter/`
-    folder; local or s3://) to the local folder `dest`, which then is a PEFT adapter
-    folder for `EngineConfig.lora_adapter` (transformers and vLLM). Returns `dest`."""
-    source = str(checkpoint_path).rstrip("/")
-    if not storage.exists(storage.join(source, "adapter_config.json")):
-        source = storage.join(source, ADAPTER_DIR)
-    if not storage.exists(storage.join(source, "adapter_config.json")):
-        raise InputFileError(f"{checkpoint_path}: no LoRA adapter (adapter_config.json) in this checkpoint")
-    fs = storage.fsspec_filesystem(source)
-    os.makedirs(dest, exist_ok=True)
-    for found in fs.ls(source, detail=False):
-        name = posixpath.basename(str(found).rstrip("/"))
-        path = storage.join(source, name)
-        if fs.isdir(found):
-            continue
-        with storage.open_binary(path) as reader, open(os.path.join(dest, name), "wb") as writer:
-            shutil.copyfileobj(reader, writer)
-    return dest

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from trsr import storage
 from trsr.config import fingerprint
-from trsr.data.schema import LISTS, SPLITS, SUMMARIES
+from trsr.schema import LISTS, SPLITS, SUMMARIES
 from trsr.errors import TrsrError
 from trsr.experiment import ExperimentConfig
 from trsr.runner import Step, StageJob, run_stage

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr.data.schema import INTERMEDIATE, LISTS, SUMMARIES
+from trsr.schema import INTERMEDIATE, LISTS, SUMMARIES
 from trsr.summarize.checks import check_generation, instruction_grams, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize.prompts import PromptSet
@@ -278,7 +278,7 @@ class SummarizeStage:
         self.prompts: PromptSet = config.prompts()
         self.instructions = instruction_grams(self.prompts.block, self.prompts.merge, self.prompts.update)
         if engine is None:
-            from trsr.llm.engine import build_engine
+            from trsr.llm.factory import build_engine
 
             engine = build_engine(config.engine)
         self.engine = engine

@@ -1,7 +1,7 @@
 """What every converter returns, and helpers to build the canonical tables.
 
 A converter reads one dataset's own files and returns a `ConvertedDataset`:
-canonical items and sequences (see `trsr.data.schema`), the rows it rejected with
+canonical items and sequences (see `trsr.schema`), the rows it rejected with
 reasons, and counts for the run's accounting. Converters never sample or split:
 that is the protocol's job (`trsr.data.protocol`).
 
@@ -21,15 +21,15 @@ import polars as pl
 import pyarrow as pa
 
 from trsr.data.rejects import Rejects
-from trsr.data.schema import ITEMS, SEQUENCES, conform
+from trsr.schema import ITEMS, SEQUENCES, conform
 
 CONVERT = "convert"  # the stage name in rejects
 
 
 @dataclass
 class ConvertedDataset:
-    items: pa.Table  # trsr.data.schema.ITEMS
-    sequences: pa.Table  # trsr.data.schema.SEQUENCES
+    items: pa.Table  # trsr.schema.ITEMS
+    sequences: pa.Table  # trsr.schema.SEQUENCES
     rejects: Rejects
     attributes: list[str]  # attribute names in rendering order
     counts: dict[str, int] = field(default_factory=dict)

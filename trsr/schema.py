@@ -42,6 +42,20 @@ SEQUENCES = pa.schema(
 
 SPLITS = ("train", "valid", "test")
 
+# The summary_status of a ranking list where the recommender reads it (training texts,
+# scores): the summarizer's status of the user's summary ("ok" = usable, or a problem:
+# "echo", "over_length", ...), "missing" without a summary row, "unused" for variants
+# that show no summary (tallrec).
+SUMMARY_OK = "ok"
+SUMMARY_MISSING = "missing"
+SUMMARY_UNUSED = "unused"
+
+
+def lists_without_summary(summary_status: dict[str, int]) -> int:
+    """Lists prompted without a usable summary, from counts by summary_status (tallrec's
+    "unused" lists read none by design and are not counted)."""
+    return int(sum(n for status, n in summary_status.items() if status not in (SUMMARY_OK, SUMMARY_UNUSED)))
+
 SAMPLES = pa.schema(
     [
         # One ranking list per (split, user): a positive and its negatives.
