@@ -122,7 +122,9 @@ def write_text(text: str, path: str) -> None:
 # What the driver scans (counts, checks and stats over a stage's inputs or outputs) it
 # reads in small batches without read-ahead: pyarrow's defaults (16 batches ahead, 4
 # files ahead, up to 128k-row batches) cost +350 MB of driver memory for the history
-# column of 1M lists, measured, against +46 MB this way, at about the same speed.
+# column of 1M lists, measured, against +46 MB this way, at about the same speed. Nor
+# do they keep each file's footer (cache_metadata): scanning the 1,860 files of a 1M-user
+# summarize output took the driver from 208 to 621 MiB with it, 213 without.
 SCAN_BATCH_ROWS = 16_384
 
 
@@ -142,7 +144,8 @@ def scan_batches(source, columns: list[str] | None = None, filter=None) -> Itera
     if isinstance(source, (str, list)):
         source = parquet_dataset(source)
     for batch in source.to_batches(
-        columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0
+        columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS, batch_readahead=0, fragment_readahead=0,
+        cache_metadata=False,
     ):
         if batch.num_rows:
             yield batch
