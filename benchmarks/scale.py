@@ -232,7 +232,7 @@ def child_prepare(users: int) -> dict:
     }
 
 
-def child_stages(users: int, part: str, block_batches: int) -> dict:
+def child_stages(users: int, part: str, block_batches: int, only: list[str] | None = None) -> dict:
     import shutil
 
     from trsr.ray_utils import init_ray
@@ -255,6 +255,8 @@ def child_stages(users: int, part: str, block_batches: int) -> dict:
         # With fixed answers the two modes run the same data path: one is measured.
         jobs.append(("summarize recurrent", lambda: summarize_job(exp, "recurrent")))
     jobs.append(("score", lambda: score_job(exp, "test")))
+    if only:
+        jobs = [(name, make) for name, make in jobs if name.split()[0] in only]
     for name, make in jobs:
         job = make()
         if part == "datapath":
@@ -298,21 +300,30 @@ def run_child(args: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def merge_sizes(earlier: list[dict], measured: dict[int, dict]) -> list[dict]:
+def merge_sizes(earlier: list[dict], measured: dict[int, dict], stages_only: bool = False) -> list[dict]:
     """Earlier results with the sizes measured now replacing theirs, by size: the sizes
-    of a part can be measured in separate runs (1M users takes hours here)."""
-    kept = {r["users"]: r for r in earlier} | measured
+    of a part can be measured in separate runs (1M users takes hours here). With
+    `stages_only` (a run of some stages, --stages) only those stages of a size are
+    replaced; its other stages keep their earlier figures."""
+    kept = {r["users"]: r for r in earlier}
+    for size, result in measured.items():
+        if stages_only and size in kept:
+            result = dict(kept[size], stages={**kept[size]["stages"], **result["stages"]})
+        kept[size] = result
     return [kept[size] for size in sorted(kept)]
 
 
 def ratios(part_results: list[dict]) -> dict:
-    """Larger size against smaller, per stage: peak RSS and CPU per user."""
-    if len(part_results) < 2:
-        return {}
-    small, large = sorted(part_results, key=lambda r: r["users"])[:: len(part_results) - 1]
+    """Per stage, its largest measured size against its smallest: peak RSS and CPU per
+    user (a stage may be missing at some sizes: --stages)."""
     out = {}
-    for name, s in small["stages"].items():
-        l = large["stages"][name]
+    names = dict.fromkeys(name for r in part_results for name in r["stages"])
+    for name in names:
+        sizes = sorted((r for r in part_results if name in r["stages"]), key=lambda r: r["users"])
+        if len(sizes) < 2:
+            continue
+        small, large = sizes[0], sizes[-1]
+        s, l = small["stages"][name], large["stages"][name]
         rss = l["driver_peak_rss_mib"] / s["driver_peak_rss_mib"]
         cpu = l["driver_cpu_s_per_1000"] / s["driver_cpu_s_per_1000"]
         out[name] = {
@@ -357,11 +368,12 @@ def main(argv=None) -> int:
     parser.add_argument("--part", choices=["real", "datapath", "prepare", "all"], default="all")
     parser.add_argument("--users", type=int, nargs="+", help="sizes (default per part)")
     parser.add_argument("--block-batches", type=int, default=BLOCK_BATCHES, help="runner.block_batches (default 8)")
+    parser.add_argument("--stages", nargs="+", choices=["summarize", "score"], help="only these stages (default: all)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         kind, users = args.child[0], int(args.child[1])
-        result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2], int(args.child[3]))
+        result = child_prepare(users) if kind == "prepare" else child_stages(users, args.child[2], int(args.child[3]), args.child[4:])
         print(json.dumps(result), flush=True)
         return 0
 
@@ -377,9 +389,11 @@ def main(argv=None) -> int:
             continue
         measured = {}
         for size in sizes:
-            measured[size] = run_child(["stages", str(size), part, str(args.block_batches)])
+            measured[size] = run_child(["stages", str(size), part, str(args.block_batches), *(args.stages or [])])
             measured[size]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        results[part] = merge_sizes(results.get(part, []), measured)
+            for stage in measured[size]["stages"].values():
+                stage["measured_at"] = measured[size]["measured_at"]
+        results[part] = merge_sizes(results.get(part, []), measured, stages_only=bool(args.stages))
         results["ratios"][part] = ratios(results[part])
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     results["written_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
