@@ -134,3 +134,25 @@ def test_the_report_says_how_many_lists_each_llm_method_scored_without_a_summary
     assert rows["tallrec"]["lists_without_summary"] is None and rows["ncf"]["lists_without_summary"] is None
     md = storage.read_bytes(storage.join(run, "report", "test.md")).decode()
     assert "Lists scored without a usable summary (prompted with the recent items only): llm-trsr-hierarchical 7 of 40." in md
+
+
+def test_the_report_shows_the_summaries_health_and_the_run_behind_it(tmp_path):
+    from trsr.runs import RunFolder
+
+    run = str(tmp_path / "run")
+    write_scores(run, "llm-trsr-recurrent", 40, lambda n, c, label: label)
+    folder = RunFolder(run)
+    folder.summaries("recurrent").finish("by-hand", {"seconds": 123.4, "status": {"ok": 30, "echo": 6, "missing": 4}})
+    folder.scores("llm-trsr-recurrent", "test").finish(
+        "by-hand", {"seconds": 56.0, "summary_status": {"ok": 40}}, model="smollm2-135m-instruct", adapter="/x/adapter"
+    )
+    result = evaluate(experiment(run))
+    facts = result["run"]
+    assert facts["summaries"] == {"recurrent": {"echo": 6, "missing": 4, "ok": 30}}
+    assert facts["stage_seconds"] == {"summarize recurrent": 123.4, "score llm-trsr-recurrent": 56.0}
+    assert facts["models"]["llm-trsr-recurrent"] == {"model": "smollm2-135m-instruct", "adapter": "/x/adapter"}
+    md = storage.read_bytes(storage.join(run, "report", "test.md")).decode()
+    assert "- recurrent: 30 of 36 summarized users usable (echo 6, missing 4, ok 30)" in md
+    assert "- llm-trsr-recurrent: model smollm2-135m-instruct, adapter /x/adapter" in md
+    assert "stage seconds: summarize recurrent 123, score llm-trsr-recurrent 56" in md
+    assert "## Run" in md and "written " in md

@@ -98,6 +98,12 @@ def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
     assert report["chance"]["recall@3"] == pytest.approx(3 / 21)
     markdown = storage.read_bytes(storage.join(run.root, "report", "test.md")).decode()
     assert "| llm-trsr-recurrent |" in markdown and "Recall@3" in markdown and "(chance)" in markdown
+    # the run behind the table: summaries' health, models, every stage's seconds
+    assert "## Summaries" in markdown and "- hierarchical: " in markdown and "- recurrent: " in markdown
+    seconds = report["run"]["stage_seconds"]
+    for stage in ("prepare", "summarize hierarchical", "train llm-trsr-hierarchical", "score llm-trsr-recurrent"):
+        assert seconds.get(stage, 0) > 0, (stage, seconds)
+    assert report["run"]["models"]["llm-trsr-hierarchical"]["adapter"]
     assert storage.read_bytes(storage.join(run.root, "report", "test.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(storage.read_bytes(storage.join(run.root, "report", "test.json")))["lists"] == len(test_lists)
 

@@ -168,6 +168,7 @@ def evaluate(
         "methods": rows,
         "chance": chance,
         "chance_note": chance_note,
+        "run": run_facts(run_dir, list(rows), split),
     }
     if write:
         storage.write_json(result, report_path(run_dir, split, "json"))
@@ -175,6 +176,58 @@ def evaluate(
         if config.chart:
             write_chart(result, report_path(run_dir, split, "png"))
     return result
+
+
+def run_facts(run_dir: str, methods: list[str], split: str) -> dict:
+    """What the report says about the run behind the table: when and with which code it
+    was written, on what machine, each stage's seconds (from the stages' own stats),
+    each method's model and adapter, and the summaries' health by status."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    import trsr
+
+    run = RunFolder(run_dir)
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+            cwd=os.path.dirname(os.path.abspath(trsr.__file__)),
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    stages: dict[str, float] = {}
+    summaries: dict[str, dict] = {}
+    prepared = run.prepared_stage.stats().get("seconds")
+    if prepared is not None:
+        stages["prepare"] = prepared.get("total") if isinstance(prepared, dict) else prepared
+    for mode in ("hierarchical", "recurrent"):
+        stats = run.summaries(mode).stats()
+        if stats:
+            stages[f"summarize {mode}"] = stats.get("seconds")
+            summaries[mode] = dict(sorted((stats.get("status") or {}).items()))
+    models: dict[str, dict] = {}
+    for method in methods:
+        result_path = storage.join(run.training(method).path, "result.json")
+        if storage.exists(result_path):
+            stages[f"train {method}"] = storage.read_json(result_path).get("wall_seconds")
+        stats = run.scores(method, split).stats()
+        if stats.get("seconds") is not None:
+            stages[f"score {method}"] = stats["seconds"]
+        manifest = run.scores(method, split).manifest
+        details = storage.read_json(manifest) if storage.exists(manifest) else {}
+        if details.get("model") or details.get("adapter"):
+            models[method] = {"model": details.get("model"), "adapter": details.get("adapter")}
+    return {
+        "written_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "trsr": trsr.__version__,
+        "commit": commit,
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPUs",
+        "stage_seconds": {k: v for k, v in stages.items() if v is not None},
+        "models": models,
+        "summaries": summaries,
+    }
 
 
 def lists_without_summary(run_dir: str, method: str, split: str) -> int | None:
@@ -227,7 +280,31 @@ def markdown(result: dict) -> str:
         lines.append(f"Lists scored per method (the table uses the {result['lists']} shared): {partial}")
     else:
         lines.append(f"Chance level: {result['chance_note']}.")
+    lines += _run_block(result.get("run") or {})
     return "\n".join(lines) + "\n"
+
+
+def _run_block(facts: dict) -> list[str]:
+    """The report's closing sections: the summaries' health and the run behind it."""
+    if not facts:
+        return []
+    lines = []
+    if facts.get("summaries"):
+        lines += ["", "## Summaries", "", "Users by summary status (ok = usable; missing = not summarized):", ""]
+        for mode, counts in facts["summaries"].items():
+            total = sum(counts.values())
+            shown = ", ".join(f"{status} {n}" for status, n in counts.items())
+            ok = counts.get("ok", 0)
+            summarized = total - counts.get("missing", 0)
+            lines.append(f"- {mode}: {ok} of {summarized} summarized users usable ({shown})")
+    lines += ["", "## Run", ""]
+    code = f"trsr {facts.get('trsr')}" + (f", commit {facts['commit']}" if facts.get("commit") else "")
+    lines.append(f"- written {facts.get('written_at')} by {code} on {facts.get('machine')}")
+    for method, model in (facts.get("models") or {}).items():
+        lines.append(f"- {method}: model {model.get('model')}, adapter {model.get('adapter') or 'none'}")
+    if facts.get("stage_seconds"):
+        lines.append("- stage seconds: " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in facts["stage_seconds"].items()))
+    return lines
 
 
 def write_chart(result: dict, path: str) -> None:

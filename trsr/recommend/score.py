@@ -210,7 +210,7 @@ def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:
         unit="lists",
         block_stats=_block_stats,
         units=_lists_in,
-        details={"method": method, "split": split, "adapter": engine.lora_adapter},
+        details={"method": method, "split": split, "model": engine.model, "adapter": engine.lora_adapter},
         keep=keep,
         decline_reason=decline_reason,
     )
