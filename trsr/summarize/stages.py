@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr.schema import INTERMEDIATE, LISTS, SUMMARIES
+from trsr.schema import INTERMEDIATE, LISTS, SUMMARIES, SUMMARY_MISSING, SUMMARY_OK
 from trsr.summarize.checks import check_generation, instruction_grams, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize.prompts import PromptSet
@@ -32,9 +32,8 @@ HIERARCHICAL = "hierarchical"
 RECURRENT = "recurrent"
 MODES = (HIERARCHICAL, RECURRENT)
 
-OK = "ok"
+OK, MISSING = SUMMARY_OK, SUMMARY_MISSING  # missing: not summarized (beyond summarize.max_users)
 PROMPT_TOO_LONG = "prompt_too_long"
-MISSING = "missing"  # not summarized: beyond summarize.max_users
 
 # The summarization state of one ranking list's user, carried from step to step: the
 # list's own columns (passed through to the summaries) and the work so far.
