@@ -117,7 +117,8 @@ def synthetic_examples(folder: str, count: int, seq_len: int, group_size: int, s
 
 
 def measure(shape: str, deepspeed: bool, workers: int, bf16: bool, shared: bool, args, storage_root: str) -> dict:
-    from trsr.recommend.train import TrainConfig, train_lora
+    from trsr.recommend.config import TrainConfig
+    from trsr.recommend.train import train_lora
 
     folder = model_folder(shape)
     cores = os.cpu_count() or 1

@@ -11,7 +11,9 @@ import pytest
 
 from trsr.errors import ConfigError, InputFileError
 from trsr.llm.adapters import copy_adapter
-from trsr.recommend.train import TrainConfig, lr_factor, planned_steps, train_lora
+from trsr.recommend.config import TrainConfig
+from trsr.recommend.train import train_lora
+from trsr.recommend.train_loop import lr_factor, planned_steps
 from trsr.recommend.train_data import (
     IGNORE_INDEX,
     StepFiller,
@@ -549,7 +551,8 @@ def test_cpu_bf16_with_deepspeed_or_gpu_is_refused(tiny_model):
 # that runs it) and blocks at its first call of each epoch until the test kills it.
 KILLABLE_RUN = r"""
 import json, os, sys
-from trsr.recommend.train import TrainConfig, train_lora
+from trsr.recommend.config import TrainConfig
+from trsr.recommend.train import train_lora
 
 args = json.loads(sys.argv[1])
 MARKS = args["marks"]

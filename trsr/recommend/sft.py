@@ -25,7 +25,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-from pydantic import Field, model_validator
 
 import pyarrow.compute as pc
 
@@ -33,10 +32,9 @@ from trsr import storage
 from trsr.config import fingerprint
 from trsr.errors import ConfigError, TrsrError
 from trsr.recommend import lists as ranking_lists
-from trsr.recommend.config import ScoreConfig
+from trsr.recommend.config import SFTConfig, ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
-from trsr.recommend.train import TrainConfig
 from trsr.runner import Step, StageJob, run_stage
 from trsr.runs import LAYOUT, RunFolder
 
@@ -45,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-LORA_RUN = "lora"
 EXAMPLES = pa.schema(
     [
         pa.field("text", pa.string(), nullable=False),
@@ -58,43 +55,6 @@ EXAMPLES = pa.schema(
         pa.field("history_items", pa.int16(), nullable=False),
     ]
 )
-
-
-class SFTConfig(TrainConfig):
-    """Section `train`: the LoRA run (every TrainConfig field) + what to train on."""
-
-    # false: no fine-tuning; the score stage uses the base model zero-shot.
-    enabled: bool = True
-    # null = score.engine.model (the model that will score must be the one trained).
-    model: str | None = None
-    # null = score.prompt.max_length.
-    max_length: int | None = Field(None, ge=2)
-    # Train on the first N training lists by user id (the order summarize.max_users
-    # follows); null = all.
-    max_lists: int | None = Field(None, ge=1)
-    # Validate each epoch on the first N validation lists (by user id) and keep the best
-    # epoch by valid_metric; 0 = no validation, the last epoch wins.
-    valid_lists: int = Field(64, ge=0)
-    valid_metric: str | None = "mrr@10"
-    # Lists per batch (and per committed block) when the training texts are built, and
-    # the CPU actors that build them.
-    texts_per_batch: int = Field(64, ge=1)
-    text_actors: int = Field(1, ge=1)
-
-    @model_validator(mode="after")
-    def _check_valid(self) -> "SFTConfig":
-        if self.valid_lists and not self.valid_metric:
-            raise ValueError("valid_lists > 0 needs a valid_metric (e.g. mrr@10, auc)")
-        return self
-
-    def lora_config(self, score: ScoreConfig) -> TrainConfig:
-        """The TrainConfig for train_lora, with the model and length filled in."""
-        fields = {name: getattr(self, name) for name in TrainConfig.model_fields}
-        fields["model"] = self.model or score.engine.model
-        fields["max_length"] = self.max_length or score.prompt.max_length
-        fields["run_name"] = LORA_RUN
-        fields["valid_metric"] = self.valid_metric if self.valid_lists else None
-        return TrainConfig(**fields)
 
 
 class TrainingTexts:
