@@ -79,7 +79,7 @@ def experiment_for(args, backend: str, execution: str):
         "prepare.protocol.negatives={train: 1, valid: 20, test: 20}",
         f"summarize.modes=[{', '.join(args.modes)}]",
         "summarize.domain=news",
-        "summarize.block_size=5",
+        "summarize.items_per_block=5",
         "summarize.fan_in=2",
         f"summarize.execution={execution}",
         f"summarize.users_per_batch={args.users}",
@@ -162,7 +162,7 @@ def run_bare(experiment) -> tuple[dict, dict]:
         parts.append(table)
     users = pa.concat_tables(parts)
     longest = int(pc.max(pc.list_value_length(users.column("history"))).as_py() or 0)
-    max_blocks = -(-longest // config.block_size)
+    max_blocks = -(-longest // config.items_per_block)
     prompts = config.prompts()
 
     load_before = os.getloadavg()[0]

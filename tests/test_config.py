@@ -40,6 +40,15 @@ def test_unknown_key_is_an_error_naming_it(tmp_path):
         load(ExperimentConfig, write(tmp_path), ["prepare.protocol.min_histroy=3"])
 
 
+def test_a_renamed_key_is_an_error_naming_the_new_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"summarize: .*'block_size' was renamed to 'items_per_block'"):
+        load(ExperimentConfig, write(tmp_path), ["summarize.block_size=4"])
+    with pytest.raises(ConfigError, match=r"score.engine: .*'block_size' was renamed to 'kv_block_size'"):
+        load(ExperimentConfig, write(tmp_path), ["score.engine.block_size=32"])
+    config = load(ExperimentConfig, write(tmp_path), ["summarize.items_per_block=4", "score.engine.kv_block_size=32"])
+    assert (config.summarize.items_per_block, config.score.engine.kv_block_size) == (4, 32)
+
+
 def test_bad_values_and_files_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match="min_history"):
         load(ExperimentConfig, write(tmp_path), ["prepare.protocol.min_history=abc"])

@@ -18,7 +18,7 @@ import pytest
 
 from trsr import storage
 from trsr.errors import TrsrError
-from trsr.runner import ERROR, RunnerConfig, StageFailed, Step, StageJob, TooManyFailures, run_stage
+from trsr.runner import ERROR, RunnerConfig, StageFailed, Step, StageJob, TooManyFailures, rows_per_block, run_stage
 from trsr.runs import StageFolder
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ class BatchSize:
         return pa.table({"id": batch.column("id"), "x2": [n] * n, "pid": [os.getpid()] * n}, schema=OUT)
 
 
-def test_block_batches_puts_several_step_batches_in_one_block(tmp_path, ray_local):
+def test_block_batches_and_max_blocks_put_several_step_batches_in_one_block(tmp_path, ray_local):
     the_job = job(tmp_path)
     the_job.steps = [Step(BatchSize, {}, OUT)]
     stats = run_stage(the_job, RunnerConfig(progress_seconds=0, block_batches=2))
@@ -113,6 +113,18 @@ def test_block_batches_puts_several_step_batches_in_one_block(tmp_path, ray_loca
     assert sorted(storage_rows(p).num_rows for p in the_job.folder.data_files()) == [8, 16, 16]
     assert set(output(the_job).column("x2").to_pylist()) == {8}  # the step still sees batches of 8
     assert stats["rows_in"] == stats["rows_out"] == 40
+    # At most 2 blocks: 3 batches per block (blocks of 24 and 16 rows), batches still of 8.
+    stats = run_stage(the_job, RunnerConfig(progress_seconds=0, max_blocks=2), force=True)
+    assert sorted(storage_rows(p).num_rows for p in the_job.folder.data_files()) == [16, 24]
+    assert set(output(the_job).column("x2").to_pylist()) == {8} and stats["rows_out"] == 40
+
+
+def test_rows_per_block_caps_the_blocks_of_a_stage_in_whole_batches():
+    config = RunnerConfig(block_batches=2, max_blocks=100)
+    assert rows_per_block(64, 10_000, config) == 128  # 79 blocks: under the cap
+    assert rows_per_block(64, 1_000_000, config) == 64 * 157  # ceil(1M / 6,400) batches
+    assert rows_per_block(64, 1_000_000, config) * 100 >= 1_000_000
+    assert rows_per_block(8, 0, config) == 16
 
 
 def storage_rows(path: str):
@@ -169,9 +181,15 @@ def test_a_killed_actor_is_restarted_and_every_row_written_once(tmp_path, ray_lo
         while time.time() < deadline and not killed:
             files = the_job.folder.data_files()
             if files:
-                pid = storage.read_parquet(files[0], columns=["pid"]).column("pid")[0].as_py()
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
+                try:
+                    table = storage.read_parquet(files[0], columns=["pid"])
+                except (OSError, pa.ArrowInvalid):
+                    # Seen before its writer finished it: try again on the next poll.
+                    table = None
+                if table is not None and table.num_rows:
+                    pid = table.column("pid")[0].as_py()
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
             time.sleep(0.2)
 
     killer = threading.Thread(target=kill_once)

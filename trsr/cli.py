@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     summarize.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    summarize.add_argument(
+        "--users",
+        choices=["protocol", "all"],
+        default=None,
+        help="whose histories (summarize.users): the protocol's ranking lists -> summaries/<mode>/, "
+        "or every user of the prepared sequences -> user_summaries/<mode>/ (production)",
+    )
+    summarize.add_argument(
+        "--update",
+        action="store_true",
+        help="with --users all: refresh the earlier user summaries after new interactions (prepare again "
+        "first): unchanged users keep their row, the others reuse the summaries of unchanged blocks",
+    )
     _add_config_args(summarize, required=True)
 
     baselines = commands.add_parser(
@@ -164,6 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--split", default=None, choices=["train", "valid", "test"],
                        help="one split (default: every split in score.splits)")
     score.add_argument("--force", action="store_true", help="run even if outputs are up to date")
+    score.add_argument(
+        "--candidates",
+        default=None,
+        metavar="PATH",
+        help="score your own candidates instead of the protocol's lists: Parquet, CSV or JSON lines "
+        "(a file or folder, local or s3://) with user_id, item_id (or user_id, item_ids); needs "
+        "`trsr summarize --users all`. Writes user_id, item_id, score, rank",
+    )
+    score.add_argument("--top-k", type=int, default=None, help="with --candidates: write only each user's best N")
+    score.add_argument(
+        "--output", default=None, help="with --candidates: output folder (default <run_dir>/candidates/<method>/scores)"
+    )
     _add_config_args(score, required=True)
 
     evaluate = commands.add_parser(
@@ -267,10 +292,12 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 def _cmd_summarize(args: argparse.Namespace) -> int:
     from trsr.summarize.job import describe, summarize
 
-    experiment = load(ExperimentConfig, args.config, args.overrides)
-    stats = summarize(experiment, force=args.force)
+    overrides = list(args.overrides) + ([f"summarize.users={args.users}"] if args.users else [])
+    experiment = load(ExperimentConfig, args.config, overrides)
+    stats = summarize(experiment, force=args.force, update=args.update)
     if stats.get("skipped"):
-        print(f"summaries in {experiment.run_dir}/summaries are up to date (skipped)")
+        where = "user_summaries" if experiment.summarize.users == "all" else "summaries"
+        print(f"summaries in {experiment.run_dir}/{where} are up to date (skipped)")
     print(describe(stats))
     return 0
 
@@ -298,6 +325,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from trsr.recommend.score import describe, score
 
+    if args.candidates:
+        from trsr.recommend import candidates
+
+        result = candidates.score_candidates(
+            _variant_experiment(args), args.candidates, output=args.output, top_k=args.top_k, force=args.force
+        )
+        print(candidates.describe(result))
+        return 0
+    if args.top_k is not None or args.output is not None:
+        raise TrsrError("--top-k and --output apply to --candidates scoring only")
     print(describe(score(_variant_experiment(args), split=args.split, force=args.force)))
     return 0
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -32,9 +32,20 @@ from trsr.errors import ConfigError
 
 
 class Section(BaseModel):
-    """Base for all config sections: unknown keys are rejected."""
+    """Base for all config sections: unknown keys are rejected, and a key that was
+    renamed (`renamed_keys`: old -> new) is an error that names its new name."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed_keys: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_renamed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in cls.renamed_keys.items():
+                if old in data:
+                    raise ValueError(f"'{old}' was renamed to '{new}'")
+        return data
 
 
 # --------------------------------------------------------------------------- sources

@@ -18,9 +18,8 @@ from pydantic import model_validator
 from trsr.baselines.config import BaselinesConfig
 from trsr.config import PrepareConfig, Section
 from trsr.evaluate.report import EvaluateConfig
-from trsr.recommend.config import ScoreConfig
+from trsr.recommend.config import SFTConfig, ScoreConfig
 from trsr.recommend.prompt import VARIANTS
-from trsr.recommend.sft import SFTConfig
 from trsr.ray_utils import ClusterShape
 from trsr.runner import RunnerConfig
 from trsr.summarize.config import SummarizeConfig

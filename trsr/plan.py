@@ -82,7 +82,7 @@ def summarize_plan(experiment, mode: str) -> StagePlan:
     from trsr.summarize.stages import steps_needed
 
     config = experiment.summarize
-    max_blocks = math.ceil(experiment.prepare.protocol.max_history / config.block_size)
+    max_blocks = math.ceil(experiment.prepare.protocol.max_history / config.items_per_block)
     steps = steps_needed(mode, max_blocks, config.fan_in)
     pools = steps if config.execution == "per_step" else 1
     unit = "level" if mode == "hierarchical" else "step"

@@ -2,7 +2,7 @@
 
     read_parquet(inputs) -> filter (optional row predicate)
       -> [Ray's checkpoint filter: rows committed by an earlier, interrupted run]
-      -> blocks of exactly `batch_rows` x `runner.block_batches` rows
+      -> blocks of whole engine batches (`rows_per_block`)
       -> step 1 actor pool -> ... -> step n actor pool      (resources from config)
       -> write_parquet(<stage folder>)                      one file per block
 
@@ -19,8 +19,8 @@ rest. What the design keeps for it: the plan starts with a file read and ends wi
 file write; no join or limit in between (a predicate filter is deterministic); ids are
 unique per input row; the checkpoint is deleted by trsr after the manifest is written
 (not by Ray, which would delete it before); and blocks are cut to a fixed number of
-rows (`batch_rows` x `runner.block_batches`) so that a crash loses at most the blocks
-in flight. Block order is preserved and committed blocks are whole blocks, so the
+rows (`rows_per_block`, from the stage's input rows) so that a crash loses at most
+the blocks in flight. Block order is preserved and committed blocks are whole blocks, so the
 blocks (and every engine batch) of a resumed run are those of an uninterrupted one.
 
 Block size. The driver's memory grows with the number of blocks, not rows: measured
@@ -28,7 +28,8 @@ Block size. The driver's memory grows with the number of blocks, not rows: measu
 bookkeeping, ~10 KB of live Python objects, and native memory in Ray's core worker;
 no setting turns them off). `runner.block_batches` puts several engine batches in one
 block: k times fewer blocks and a k times flatter driver, for up to k batches per
-actor recomputed after a crash. Memory the driver frees is returned to the system
+actor recomputed after a crash; `runner.max_blocks` caps the blocks of a stage (more
+batches per block beyond it), so the driver's memory stops growing with the rows. Memory the driver frees is returned to the system
 while a stage runs (DriverHeapTrimmer).
 
 Faults. Engine actors that die are restarted and their batches retried by Ray
@@ -96,6 +97,11 @@ class RunnerConfig(Section):
     # in blocks of one 64-user batch cost it ~0.8 GB, 8 batches per block ~100 MB. A
     # crash recomputes up to one block per actor.
     block_batches: int = Field(1, ge=1)
+    # At most this many blocks per stage: a larger stage gets more batches per block
+    # (rows_per_block), so the driver's memory stops growing with the rows (~50 KB x
+    # max_blocks, ~50 MB). A crash loses the blocks in flight: about actors / max_blocks
+    # of the stage (10% with 96 actors); raise it for finer resumes, at ~50 KB a block.
+    max_blocks: int = Field(1000, ge=1)
     # Seconds between returns of the driver's freed heap memory to the system while a
     # stage runs (0 = never); see DriverHeapTrimmer.
     trim_driver_heap_seconds: float = Field(5.0, ge=0.0)
@@ -150,6 +156,53 @@ class StageJob:
     # columns among `columns`.
     keep: Where = ()
     decline_reason: Callable[[pa.Table], list[str]] | None = None
+    # REJECTS tables of rows rejected before this stage (e.g. by its grouping pass,
+    # `run_grouping`), appended to its _rejects.parquet and counted as rows_rejected_before.
+    earlier_rejects: Callable[[], list[pa.Table]] | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input of a grouping pass: files of one format and the plain class that turns
+    their batches into the rows that are grouped (one schema for every source)."""
+
+    paths: list[str]
+    format: str  # "parquet", "csv" or "json" (JSON lines)
+    normalize: Step
+    # Columns read as text whatever they look like (CSV would infer "007" as the number 7).
+    text_columns: tuple[str, ...] = ()
+    columns: list[str] | None = None  # Parquet columns to read (None: all)
+
+
+@dataclass
+class GroupJob:
+    """A grouping pass: read every source, union their rows, group them by `key`, and
+    write what `group` makes of each group (0 or more rows) to `folder`. It is the step
+    before a checkpointed stage that needs whole groups in one row (a user's candidates,
+    summary and history): Ray's checkpoint filter runs right after a read, so a
+    shuffle cannot sit inside the checkpointed plan. Not resumable below the pass (it is
+    a shuffle); skipped when complete for the same fingerprint."""
+
+    name: str
+    folder: StageFolder
+    sources: list[Source]
+    key: str
+    group: Step  # plain class: the rows of one group (pa.Table) -> pa.Table
+    fingerprint: str
+    block_stats: Callable[[pa.Table], dict] | None = None
+    # Hash partitions of the shuffle (None: Ray's default, 200, which costs tens of
+    # seconds of task start-up on a small input); see `shuffle_partitions`.
+    partitions: int | None = None
+
+
+def shuffle_partitions(paths: list[str], bytes_per_partition: int = 256 << 20) -> int:
+    """Hash partitions for a grouping pass over files of this total size: one per
+    `bytes_per_partition` (Ray's own guidance: partitions of a few hundred MB), at least 2."""
+    total = 0
+    for path in paths:
+        fs = storage.fsspec_filesystem(path)
+        total += sum(int(info.get("size") or 0) for info in (fs.find(path, detail=True).values() if fs.isdir(path) else [fs.info(path)]))
+    return max(2, -(-total // bytes_per_partition))
 
 
 def output_schema(schema: pa.Schema) -> pa.Schema:
@@ -507,7 +560,7 @@ def _output_stats(job: StageJob, earlier: set[str]) -> dict:
     return {"rows": rows, "stats": stats, "computed": computed}
 
 
-def _arrow_mask(table: pa.Table, where: Where) -> pa.Array:
+def arrow_mask(table: pa.Table, where: Where) -> pa.Array:
     """Which rows of `table` meet every condition (a null value meets none)."""
     mask = pa.array([True] * table.num_rows)
     for column, op, value in where:
@@ -536,7 +589,7 @@ def _declined_rejects(job: StageJob) -> list[pa.Table]:
     for fragment in dataset.get_fragments():
         for batch in storage.scan_batches(fragment, columns=columns, filter=where):
             table = pa.Table.from_batches([batch])
-            declined = table.filter(pc.invert(_arrow_mask(table, job.keep)))
+            declined = table.filter(pc.invert(arrow_mask(table, job.keep)))
             n = declined.num_rows
             if not n:
                 continue
@@ -559,12 +612,13 @@ def _declined_rejects(job: StageJob) -> list[pa.Table]:
     return parts
 
 
-def _write_rejects(job: StageJob, declined: int) -> int:
-    """The failed rows of the output and the declined input rows as REJECTS rows in
-    <stage>/_rejects.parquet."""
+def _write_rejects(job: StageJob, declined: int, earlier: list[pa.Table]) -> int:
+    """The failed rows of the output, the declined input rows and the rows rejected
+    before the stage as REJECTS rows in <stage>/_rejects.parquet."""
     import pyarrow.dataset as ds
 
     parts = _declined_rejects(job) if declined else []
+    parts += earlier
     for batch in storage.scan_batches(job.folder.dataset(), filter=ds.field(ERROR).is_valid()):
         table = pa.Table.from_batches([batch])
         n = table.num_rows
@@ -590,6 +644,14 @@ def _write_rejects(job: StageJob, declined: int) -> int:
 
 
 # ------------------------------------------------------------------------------- run
+
+
+def rows_per_block(batch_rows: int, rows_in: int, config: RunnerConfig) -> int:
+    """Whole engine batches per block: `runner.block_batches`, or more where the stage
+    would otherwise have over `runner.max_blocks` blocks. It follows the stage's input
+    rows (not what is left to do), so a resumed run cuts the same blocks."""
+    batches = max(config.block_batches, math.ceil(rows_in / (batch_rows * config.max_blocks)))
+    return batch_rows * batches
 
 
 def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = False) -> dict:
@@ -651,7 +713,7 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         dataset = read_parquet([storage.arrow_filesystem(p)[1] for p in job.inputs], filesystem=in_fs, columns=job.columns)
         if job.where or job.keep:
             dataset = dataset.filter(expr=_ray_where([*job.where, *job.keep]))
-        dataset = dataset.repartition(target_num_rows_per_block=job.batch_rows * config.block_batches, strict=True)
+        dataset = dataset.repartition(target_num_rows_per_block=rows_per_block(job.batch_rows, rows_in, config), strict=True)
         for index, step in enumerate(job.steps):
             last = index == len(job.steps) - 1
             with warnings.catch_warnings():
@@ -694,8 +756,10 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
             + (f" ({declined} more declined)" if declined else "")
             + f", but {folder.path} holds {units} ({output['rows']} rows): {job.unit} were lost or written twice"
         )
-    rejected = _write_rejects(job, declined) if failed or declined else 0
-    if rejected != failed + declined:
+    earlier_rejects = job.earlier_rejects() if job.earlier_rejects else []
+    rejected_before = sum(table.num_rows for table in earlier_rejects)
+    rejected = _write_rejects(job, declined, earlier_rejects) if failed or declined or rejected_before else 0
+    if rejected != failed + declined + rejected_before:
         raise TrsrError(f"{job.name}: {failed} failed + {declined} declined {job.unit}, but {rejected} rejects written")
     if not rejected:
         storage.write_parquet(REJECTS.empty_table(), folder.rejects)
@@ -710,6 +774,7 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         "rows_computed": rows_in - declined - reused,
         "rows_declined": declined,
         "rows_failed": failed,
+        "rows_rejected_before": rejected_before,
         "rows_out": output["rows"],
         "rejects": rejected,
         "resumed": resumed,
@@ -727,6 +792,90 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
         flush=True,
     )
     return dict(stats, skipped=False)
+
+
+def run_grouping(job: GroupJob, force: bool = False) -> dict:
+    """Run a grouping pass (GroupJob) into its folder, or skip it when complete for the
+    same fingerprint; return its stats: rows_out, seconds and the summed block stats of
+    its output (a streamed scan of the written files)."""
+    import ray
+
+    folder = job.folder
+    if not force and folder.is_complete(job.fingerprint):
+        return dict(folder.stats(), skipped=True)
+    folder.begin(job.fingerprint, force=True)  # a shuffle is redone whole
+    started = time.perf_counter()
+    init_ray()
+    context = ray.data.DataContext.get_current()
+    saved = (context.checkpoint_config, context.enable_progress_bars)
+    context.checkpoint_config = None
+    context.enable_progress_bars = False
+    try:
+        parts = []
+        for source in job.sources:
+            dataset = _read(source)
+            step = source.normalize
+            parts.append(
+                dataset.map_batches(
+                    _PlainStep, fn_constructor_kwargs={"step": step}, compute=ray.data.ActorPoolStrategy(size=step.actors),
+                    batch_format="pyarrow", num_cpus=step.num_cpus,
+                )
+            )
+        dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        step = job.group
+        grouped = dataset.groupby(job.key, num_partitions=job.partitions).map_groups(
+            _PlainStep, fn_constructor_kwargs={"step": step}, compute=ray.data.ActorPoolStrategy(size=step.actors),
+            batch_format="pyarrow", num_cpus=step.num_cpus,
+        )
+        filesystem, inner = storage.arrow_filesystem(folder.path)
+        grouped.write_parquet(inner, filesystem=filesystem)
+    except Exception as error:
+        raise StageFailed(f"{job.name} failed: {_user_error(error)}") from error
+    finally:
+        context.checkpoint_config, context.enable_progress_bars = saved
+    stats: dict = {"rows_out": 0}
+    for batch in storage.scan_batches(folder.dataset()) if folder.data_files() else []:
+        table = pa.Table.from_batches([batch])
+        stats["rows_out"] += table.num_rows
+        if job.block_stats is not None:
+            stats = merge_stats(stats, job.block_stats(table))
+    storage.release_arrow_memory()
+    stats["seconds"] = round(time.perf_counter() - started, 2)
+    folder.finish(job.fingerprint, stats)
+    print(f"[{job.name}] {stats['rows_out']:,} rows, {stats['seconds']:.1f} s", flush=True)
+    return dict(stats, skipped=False)
+
+
+class _PlainStep:
+    """Ray Data actor class around one step of a grouping pass (no bisecting: a bad
+    input row is the step's to turn into a rejected row, not an exception)."""
+
+    def __init__(self, step: Step):
+        self.stage = step.stage(**step.kwargs)
+        self.schema = step.output_schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.stage(batch).select(self.schema.names).cast(self.schema)
+
+
+def _read(source: Source):
+    """A Ray Dataset over a source's files (every column read as it is; the source's
+    normalize step casts)."""
+    import ray
+
+    filesystem, _ = storage.arrow_filesystem(source.paths[0])
+    inner = [storage.arrow_filesystem(p)[1] for p in source.paths]
+    if source.format == "parquet":
+        return read_parquet(inner, filesystem=filesystem, columns=source.columns)
+    if source.format == "csv":
+        import pyarrow.csv as pv
+
+        types = {name: pa.string() for name in source.text_columns}
+        return ray.data.read_csv(inner, filesystem=filesystem, convert_options=pv.ConvertOptions(column_types=types))
+    if source.format == "json":
+        # Arrow's JSON reader (Ray's default) reads newline-delimited JSON.
+        return ray.data.read_json(inner, filesystem=filesystem, file_extensions=None)
+    raise ValueError(f"unsupported source format {source.format!r}")
 
 
 def _map(dataset, step: Step, progress, failure_limit, job: StageJob, config: RunnerConfig):

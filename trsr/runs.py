@@ -4,6 +4,8 @@ whether a stage is up to date.
     <run_dir>/
       prepared/                items, sequences, samples/<split>, lists/<split>, rejects
       summaries/<mode>/        one row per ranking list: the list and the user's summary
+      user_summaries/<mode>/   one row per user of prepared/sequences (summarize.users: all)
+      candidates/<method>/     scored candidates of your own retrieval (score --candidates)
       train/<method>/          LoRA checkpoints, result.json; texts/ (training texts)
       scores/<method>/<split>/ one row per candidate: p(yes) (LLM) or the model's score
       embeddings/<encoder>/    one vector per catalogue item (baselines)
@@ -45,7 +47,7 @@ STATS = "_stats.json"
 REJECTS = "_rejects.parquet"
 # Part of every stage fingerprint: outputs written by an older layout of the run folder
 # are recomputed rather than misread.
-LAYOUT = 2
+LAYOUT = 3
 
 
 class StageFolder:
@@ -197,6 +199,10 @@ class RunFolder:
     # stage outputs -------------------------------------------------------------------
     def summaries(self, mode: str) -> StageFolder:
         return StageFolder(storage.join(self.root, "summaries", mode), f"summaries/{mode}")
+
+    def user_summaries(self, mode: str) -> StageFolder:
+        """Every user's summary (summarize.users: all), one row per user."""
+        return StageFolder(storage.join(self.root, "user_summaries", mode), f"user_summaries/{mode}")
 
     def training(self, method: str) -> StageFolder:
         """The LoRA run of `method` (result.json + checkpoints under lora/)."""

@@ -41,6 +41,8 @@ SEQUENCES = pa.schema(
 )
 
 SPLITS = ("train", "valid", "test")
+# The split value of a user's row in user_summaries/ (every user, not a protocol split).
+ALL_USERS = "all"
 
 # The summary_status of a ranking list where the recommender reads it (training texts,
 # scores): the summarizer's status of the user's summary ("ok" = usable, or a problem:
@@ -96,6 +98,8 @@ INTERMEDIATE = pa.struct(
 
 # summaries/<mode>: every ranking list with its user's summary, so that the stages that
 # read summaries (training texts, scoring) read one table and join nothing.
+# user_summaries/<mode> (summarize.users: all): the same schema, one row per user of
+# prepared/sequences (list_id = user_id, split "all", the whole history, no candidates).
 SUMMARIES = pa.schema(
     list(LISTS)
     + [
@@ -108,7 +112,12 @@ SUMMARIES = pa.schema(
         # levels/steps are in `intermediates`; `flagged_steps` counts every flagged one.
         pa.field("status", pa.string()),
         pa.field("intermediates", pa.list_(INTERMEDIATE)),
+        # The items the summary covers: `items` of them, at positions first_position ..
+        # last_position of the history (0 = oldest; a summarize.history_window starts
+        # later). Blocks are anchored at absolute positions: block k = items k*B..k*B+B-1.
         pa.field("items", pa.int32()),
+        pa.field("first_position", pa.int32()),
+        pa.field("last_position", pa.int32()),
         pa.field("blocks", pa.int32()),
         pa.field("tokens_in", pa.int64()),
         pa.field("tokens_out", pa.int64()),
@@ -120,6 +129,13 @@ SUMMARIES = pa.schema(
         pa.field("model", pa.string()),
         pa.field("template_hash", pa.string()),
         pa.field("seed", pa.int64()),
+        # What this run did for the user (`trsr summarize --update`): "new" (summarized
+        # from scratch: no earlier row), "updated" (the earlier row's summaries of
+        # unchanged blocks reused, the rest computed), "recomputed" (an earlier row that
+        # could not be reused: history rewritten, window moved, settings changed) or
+        # "unchanged" (the earlier row kept as it was). calls / tokens_* count this
+        # run's engine work for the row, except on "unchanged" rows (kept as they were).
+        pa.field("refresh", pa.string()),
     ]
 )
 
@@ -132,6 +148,22 @@ SCORES = pa.schema(
         pa.field("label", pa.int8(), nullable=False),
         pa.field("score", pa.float64(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
+    ]
+)
+
+# The scored candidates of your own retrieval (`trsr score --candidates`): one row per
+# (user, candidate item), rank 1 = the user's best.
+CANDIDATE_SCORES = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("score", pa.float64(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        # "ok" when the prompt showed the user's summary; else why not (see SUMMARY_*).
+        pa.field("summary_status", pa.string()),
+        pa.field("logp_yes", pa.float64()),
+        pa.field("logp_no", pa.float64()),
     ]
 )
 

@@ -154,3 +154,14 @@ def scan_batches(source, columns: list[str] | None = None, filter=None) -> Itera
 def release_arrow_memory() -> None:
     """Return the memory Arrow's allocator (mimalloc or jemalloc) keeps after a scan."""
     pa.default_memory_pool().release_unused()
+
+
+def move(source: str, target: str) -> None:
+    """Move a file or folder (local: a rename; s3://: a copy, then a delete)."""
+    if not is_remote(source):
+        os.replace(source, target)
+        return
+    fs = fsspec_filesystem(source)
+    fs.mv(source, target, recursive=True)
+    if hasattr(fs, "invalidate_cache"):
+        fs.invalidate_cache()

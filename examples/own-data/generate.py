@@ -1,8 +1,15 @@
-"""Writes the two example files of "Your own data" (README): interactions.csv and
-items.csv for a small bookshop, seeded, with structure a recommender can learn (each
-reader keeps to two or three topics, drifting slowly).
+"""Writes the example files of "Your own data" and "Score your own candidates" (README)
+for a small bookshop, seeded, with structure a recommender can learn (each reader keeps
+to two or three topics, drifting slowly):
 
-    python examples/own-data/generate.py      # rewrites the two CSV files next to it
+    interactions.csv        who read what, when
+    items.csv               the books: title, description
+    candidates.csv          what a retrieval stage might propose: 20 unread books per
+                            reader (user_id, item_id), for `trsr score --candidates`
+    interactions-day2.csv   the next day's file: interactions.csv plus new reads of 12
+                            readers (10%) and 2 new readers, for `trsr summarize --update`
+
+    python examples/own-data/generate.py      # rewrites the files next to it
 """
 
 from __future__ import annotations
@@ -69,7 +76,32 @@ def main(out: Path = HERE, seed: int = 7, users: int = 120, per_topic: int = 24)
         writer = csv.DictWriter(f, ["user_id", "item_id", "timestamp"])
         writer.writeheader()
         writer.writerows(rows)
-    print(f"{len(items)} items, {users} users, {len(rows)} interactions in {out}")
+    # The production files come from their own generator, so the two above stay as they were.
+    rng = random.Random(seed + 1)
+    ids = [i["item_id"] for i in items]
+    read = {}
+    for row in rows:
+        read.setdefault(row["user_id"], []).append(row["item_id"])
+    with open(out / "candidates.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["user_id", "item_id"])
+        for user, history in read.items():
+            unread = [i for i in ids if i not in set(history)]
+            writer.writerows([user, item] for item in rng.sample(unread, 20))
+    new_rows = list(rows)
+    day2 = datetime(2024, 9, 1, tzinfo=timezone.utc)
+    for user in sorted(rng.sample(sorted(read), 12)) + ["U0121", "U0122"]:
+        history = read.get(user, [])
+        for k in range(rng.randint(1, 6) if history else 8):
+            item = rng.choice([i for i in ids if i not in history])
+            history = history + [item]
+            stamp = (day2 + timedelta(hours=k)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            new_rows.append({"user_id": user, "item_id": item, "timestamp": stamp})
+    with open(out / "interactions-day2.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["user_id", "item_id", "timestamp"])
+        writer.writeheader()
+        writer.writerows(new_rows)
+    print(f"{len(items)} items, {users} users, {len(rows)} interactions (day 2: {len(new_rows)}), candidates in {out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def test_the_example_files_are_what_their_generator_writes(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.main(out=tmp_path)
-    for name in ("interactions.csv", "items.csv"):
+    for name in ("interactions.csv", "items.csv", "candidates.csv", "interactions-day2.csv"):
         assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
 
 

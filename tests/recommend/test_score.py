@@ -6,8 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from trsr.schema import SAMPLES, SCORES, conform
-from trsr.errors import TrsrError
+from trsr.schema import SCORES, conform
 from trsr.llm.engine import EngineConfig
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.prompt import SUMMARY_HEADER, encode

@@ -25,7 +25,7 @@ def experiment(run_dir, data_dir, *overrides):
             "prepare.synthetic.max_history=12",
             "prepare.protocol.min_history=4",
             "prepare.protocol.max_history=12",
-            "summarize.block_size=3",
+            "summarize.items_per_block=3",
             "summarize.users_per_batch=4",
             *overrides,
         ],
@@ -127,7 +127,7 @@ def test_default_model_writes_readable_summaries(prepared, ray_local):
         prepared / "data",
         "summarize.execution=fused",
         "summarize.max_users=3",
-        "summarize.block_size=6",
+        "summarize.items_per_block=6",
         "summarize.generation.max_new_tokens=40",
     )
     stats = summarize(config)

@@ -40,7 +40,7 @@ def overrides(run_dir, data_dir, tiny_model) -> list[str]:
         "prepare.protocol.min_history=6",
         "prepare.protocol.max_history=12",
         "summarize.modes=[recurrent]",
-        "summarize.block_size=3",
+        "summarize.items_per_block=3",
         "summarize.execution=fused",
         "summarize.users_per_batch=2",
         f"summarize.engine.model={tiny_model}",

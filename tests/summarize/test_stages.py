@@ -57,7 +57,7 @@ class RecordingEngine:
 
 def make_config(tiny_model, **overrides) -> SummarizeConfig:
     values = dict(
-        block_size=3,
+        items_per_block=3,
         fan_in=2,
         engine=EngineConfig(backend="transformers", model=tiny_model, max_model_len=1024, batch_size=8),
         generation=GenerationConfig(max_new_tokens=12),

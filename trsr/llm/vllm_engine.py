@@ -70,8 +70,8 @@ class VLLMEngine(Engine):
             load_format=config.load_format,
             enforce_eager=config.enforce_eager,
         )
-        if config.block_size is not None:
-            kwargs["block_size"] = config.block_size
+        if config.kv_block_size is not None:
+            kwargs["block_size"] = config.kv_block_size
         if on_gpu:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         self._lora = None

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr import storage
 from trsr.config import fingerprint
 from trsr.schema import SCORES, SPLITS, lists_without_summary
-from trsr.errors import ConfigError, TrsrError
+from trsr.errors import ConfigError
 from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
@@ -172,10 +171,16 @@ def stage_fingerprint(experiment: "ExperimentConfig", run: RunFolder, split: str
     config: ScoreConfig = experiment.score
     prepared, summaries = stage_inputs(experiment, run)
     adapter = inputs_signature(config.engine.lora_adapter) if config.engine.lora_adapter else None
-    settings = config.model_dump(mode="json", exclude={"splits"})
-    for key in ("actors", "num_cpus", "num_gpus"):  # where it runs, not what it computes
+    return fingerprint(output_settings(config, exclude={"splits"}), split, prepared, summaries, adapter, LAYOUT)
+
+
+def output_settings(config: ScoreConfig, exclude: set[str]) -> dict:
+    """The score settings that decide what a scoring stage writes, for its fingerprint:
+    the engine's resources decide where it runs, not what it computes."""
+    settings = config.model_dump(mode="json", exclude=exclude)
+    for key in ("actors", "num_cpus", "num_gpus"):
         settings["engine"].pop(key, None)
-    return fingerprint(settings, split, prepared, summaries, adapter, LAYOUT)
+    return settings
 
 
 def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:

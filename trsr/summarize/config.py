@@ -40,6 +40,8 @@ class GenerationConfig(Section):
 
 
 class SummarizeConfig(Section):
+    renamed_keys = {"block_size": "items_per_block"}
+
     # Which paradigms to run: each writes summaries/<mode>/.
     modes: list[Literal["hierarchical", "recurrent"]] = ["hierarchical", "recurrent"]
     # Prompt preset (wording): news, shopping or generic.
@@ -47,7 +49,7 @@ class SummarizeConfig(Section):
     # YAML file replacing any of the templates block / merge / update.
     prompts_file: str | None = None
     # Items per block (paper: 5).
-    block_size: int = Field(5, ge=1)
+    items_per_block: int = Field(5, ge=1)
     # Hierarchical: nodes merged per call at each level; null = all at once (paper).
     fan_in: int | None = Field(2, ge=2)
     # Character cap per attribute value before the token guard shortens further.
@@ -64,6 +66,19 @@ class SummarizeConfig(Section):
     # or a cap per split, e.g. {test: null, valid: 0, train: 64} (null = all of that
     # split; a split left out = all). Users are taken in user-id order; null = all users.
     max_users: int | dict[Literal["train", "valid", "test"], int | None] | None = None
+    # Whose histories: "protocol" = the users of the prepared ranking lists, one row per
+    # list in summaries/<mode>/ (experiments: what training and `trsr score` read);
+    # "all" = every user of prepared/sequences, their whole history, one row per user in
+    # user_summaries/<mode>/ (production: what `trsr score --candidates` reads;
+    # max_users does not apply).
+    users: Literal["protocol", "all"] = "protocol"
+    # Summarize only the last N blocks of each history (null = all). Blocks are anchored
+    # at absolute positions (block k = items k*B .. k*B+B-1), so the window moves a whole
+    # block at a time and a block's boundaries never shift.
+    history_window: int | None = Field(None, ge=1)
+    # per_step execution: at most this many engine stages, each running consecutive
+    # levels/steps, so that a few very long histories do not multiply the stages.
+    max_engine_stages: int = Field(8, ge=1)
 
     def prompts(self):
         """This config's PromptSet (domain preset and override file)."""

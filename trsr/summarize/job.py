@@ -19,19 +19,22 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import pyarrow.compute as pc
 
 from trsr import storage
 from trsr.config import fingerprint
 from trsr.schema import LISTS, SPLITS, SUMMARIES
-from trsr.errors import TrsrError
+from trsr.errors import ConfigError, TrsrError
 from trsr.experiment import ExperimentConfig
-from trsr.runner import Step, StageJob, run_stage
+from trsr.runner import Step, StageJob, run_grouping, run_stage
 from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
+from trsr.summarize import refresh
 from trsr.summarize.stages import (
     OK,
+    UNCHANGED,
     STATE,
     Finalize,
     RenderBlocks,
@@ -45,8 +48,9 @@ SPLIT_PRIORITY = ("test", "valid", "train")
 INPUT_SPLITS = SPLIT_PRIORITY
 
 
-def summary_folder(run_dir: str, mode: str) -> StageFolder:
-    return RunFolder(run_dir).summaries(mode)
+def summary_folder(run_dir: str, mode: str, users: str = "protocol") -> StageFolder:
+    run = RunFolder(run_dir)
+    return run.user_summaries(mode) if users == "all" else run.summaries(mode)
 
 
 def split_caps(run: RunFolder, max_users: int | dict | None) -> dict[str, int | None]:
@@ -72,23 +76,52 @@ def storage_rows(path: str) -> int:
         return pq.ParquetFile(handle).metadata.num_rows
 
 
-def longest_history(run: RunFolder) -> int:
-    """The longest history of the prepared lists (Parquet statistics are not enough for
+def longest_history(inputs: list[str], column: str) -> int:
+    """The longest history among the inputs (Parquet statistics are not enough for
     list lengths: a streamed scan of the history column)."""
     longest = 0
-    for batch in storage.scan_batches([run.lists(s) for s in SPLITS], columns=["history"]):
+    for batch in storage.scan_batches(inputs, columns=[column]):
         longest = max(longest, int(pc.max(pc.list_value_length(batch.column(0))).as_py() or 0))
     storage.release_arrow_memory()
     return longest
 
 
-def stage_fingerprint(experiment: ExperimentConfig, run: RunFolder, mode: str) -> str:
-    prepared = run.prepared_fingerprint()
+def engine_stage_plan(steps: int, execution: str, max_stages: int) -> list[list[int]]:
+    """The levels/steps each engine stage runs: one stage for all (fused), else one per
+    step, in at most `max_stages` stages of consecutive steps (per_step)."""
+    if execution == "fused" or steps <= 1:
+        return [list(range(steps))]
+    stages = min(steps, max_stages)
+    size = math.ceil(steps / stages)
+    return [list(range(start, min(start + size, steps))) for start in range(0, steps, size)]
+
+
+def stage_inputs(run: RunFolder, users: str) -> tuple[list[str], str, str, list[str]]:
+    """(input files, id column, history column, columns read) of the summarize stage:
+    the prepared lists (users "protocol") or the prepared sequences (users "all")."""
+    if users == "all":
+        return [run.sequences()], "user_id", "item_ids", ["user_id", "item_ids"]
+    return [run.lists(split) for split in INPUT_SPLITS], "list_id", "history", list(LISTS.names)
+
+
+def output_folder(run: RunFolder, config: SummarizeConfig, mode: str) -> StageFolder:
+    return run.user_summaries(mode) if config.users == "all" else run.summaries(mode)
+
+
+def settings_fingerprint(experiment: ExperimentConfig, mode: str) -> str:
+    """What decides a summary's text besides the history: an --update reuses earlier
+    summaries only when this is unchanged."""
     settings = experiment.summarize.model_dump(mode="json", exclude={"modes"})
     # Resources change where the work runs, not what it produces.
     for key in ("actors", "num_cpus", "num_gpus"):
         settings["engine"].pop(key, None)
-    return fingerprint(settings, mode, experiment.seed, prepared, LAYOUT)
+    settings.pop("max_engine_stages", None)  # how steps are grouped, not what they produce
+    return fingerprint(settings, mode, experiment.seed, LAYOUT)
+
+
+def stage_fingerprint(experiment: ExperimentConfig, run: RunFolder, mode: str) -> str:
+    # An --update computes what a full run would: the same fingerprint.
+    return fingerprint(settings_fingerprint(experiment, mode), run.prepared_fingerprint())
 
 
 def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
@@ -96,13 +129,17 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
     config: SummarizeConfig = experiment.summarize
     run = RunFolder(experiment.run_dir)
     run.prepared_fingerprint()  # a clear error when prepare has not run
-    max_blocks = math.ceil(longest_history(run) / config.block_size)
+    inputs, id_column, history_column, columns = stage_inputs(run, config.users)
+    max_blocks = math.ceil(longest_history(inputs, history_column) / config.items_per_block)
+    if config.history_window is not None:
+        max_blocks = min(max_blocks, config.history_window)
     steps = steps_needed(mode, max_blocks, config.fan_in)
-    plan = [[s] for s in range(steps)] if config.execution == "per_step" else [list(range(steps))]
+    plan = engine_stage_plan(steps, config.execution, config.max_engine_stages)
     engine = config.engine
+    caps = split_caps(run, config.max_users) if config.users == "protocol" else None
     render = Step(
         RenderBlocks,
-        {"config": config, "items": run.items(), "caps": split_caps(run, config.max_users)},
+        {"config": config, "items": run.items(), "caps": caps, "mode": mode},
         STATE,
         actors=1,
         num_cpus=1,
@@ -126,17 +163,23 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
         num_cpus=0.25,
     )
     return StageJob(
-        name=f"summarize {mode}",
-        folder=run.summaries(mode),
-        inputs=[run.lists(split) for split in INPUT_SPLITS],
-        id_column="list_id",
+        name=f"summarize {mode}" + (" (all users)" if config.users == "all" else ""),
+        folder=output_folder(run, config, mode),
+        inputs=inputs,
+        id_column=id_column,
         steps=[render, *summarize, finalize],
         batch_rows=config.users_per_batch,
         fingerprint=stage_fingerprint(experiment, run, mode),
-        columns=list(LISTS.names),
+        columns=columns,
         unit="users",
         block_stats=_block_stats,
-        details={"mode": mode, "steps": steps, "engine_stages": len(plan)},
+        details={
+            "mode": mode,
+            "users": config.users,
+            "steps": steps,
+            "engine_stages": len(plan),
+            "settings_fingerprint": settings_fingerprint(experiment, mode),
+        },
     )
 
 
@@ -145,13 +188,16 @@ def _block_stats(table) -> dict:
     for status, count in zip(*_value_counts(table.column("status"))):
         statuses[status] = count
     summarized = table.filter(pc.not_equal(table.column("status"), "missing"))
+    # Engine work of this run: rows kept unchanged by an --update carry their earlier counts.
+    worked = table.filter(pc.fill_null(pc.not_equal(table.column("refresh"), UNCHANGED), True))
     return {
         "status": statuses,
-        "calls": int(pc.sum(table.column("calls")).as_py() or 0),
-        "retries": int(pc.sum(table.column("retries")).as_py() or 0),
-        "trimmed": int(pc.sum(table.column("trimmed")).as_py() or 0),
-        "tokens_in": int(pc.sum(table.column("tokens_in")).as_py() or 0),
-        "tokens_out": int(pc.sum(table.column("tokens_out")).as_py() or 0),
+        "refresh": dict(zip(*_value_counts(table.column("refresh")))),
+        "calls": int(pc.sum(worked.column("calls")).as_py() or 0),
+        "retries": int(pc.sum(worked.column("retries")).as_py() or 0),
+        "trimmed": int(pc.sum(worked.column("trimmed")).as_py() or 0),
+        "tokens_in": int(pc.sum(worked.column("tokens_in")).as_py() or 0),
+        "tokens_out": int(pc.sum(worked.column("tokens_out")).as_py() or 0),
         "summarized": summarized.num_rows,
     }
 
@@ -161,16 +207,26 @@ def _value_counts(column):
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
 
 
-def summarize(experiment: ExperimentConfig, force: bool = False) -> dict:
-    """Run every configured mode; return {"modes": {mode: stats}, "skipped": bool}."""
+def summarize(experiment: ExperimentConfig, force: bool = False, update: bool = False) -> dict:
+    """Run every configured mode; return {"modes": {mode: stats}, "skipped": bool}.
+
+    `update` (summarize.users "all"): refresh the earlier user summaries incrementally
+    (trsr.summarize.refresh): users whose history is unchanged keep their row, users
+    with new interactions reuse the summaries of their unchanged blocks."""
     from trsr.runner import RunnerConfig
 
     config: SummarizeConfig = experiment.summarize
     runner: RunnerConfig = experiment.runner
+    if update and config.users != "all":
+        raise ConfigError("--update refreshes every user's summaries: use it with summarize.users=all (--users all)")
     out: dict = {"modes": {}}
     for mode in config.modes:
         job = summarize_job(experiment, mode)
+        if update:
+            job = _update_job(experiment, mode, job, force)
         stats = run_stage(job, runner, force=force)
+        if update:
+            refresh.clean_up(RunFolder(experiment.run_dir), mode)
         seconds = stats.get("seconds") or 0.0
         computed = stats.get("rows_computed", 0)
         stats.setdefault("ok", stats.get("status", {}).get(OK, 0))
@@ -182,9 +238,28 @@ def summarize(experiment: ExperimentConfig, force: bool = False) -> dict:
     return out
 
 
-def read_summaries(run_dir: str, mode: str, columns: list[str] | None = None):
-    """Every list's summary row of `mode`, sorted by list_id (small runs, tests)."""
-    folder = summary_folder(run_dir, mode)
+def _update_job(experiment: ExperimentConfig, mode: str, job: StageJob, force: bool) -> StageJob:
+    """`job` reading each user's new history beside their earlier row (refresh module),
+    or `job` unchanged when there is nothing earlier to reuse."""
+    run = RunFolder(experiment.run_dir)
+    if not force and job.folder.is_complete(job.fingerprint):
+        return job  # up to date: run_stage skips it
+    previous = refresh.set_aside(run, mode, job.fingerprint)
+    if previous is None:
+        return job
+    earlier = storage.read_json(previous.manifest).get("settings_fingerprint")
+    if earlier != job.details["settings_fingerprint"]:
+        print(f"[summarize {mode}] the earlier summaries were made with other settings: every user is summarized again", flush=True)
+        return job
+    grouping = refresh.input_job(run, mode, previous, fingerprint(job.fingerprint, previous.fingerprint()))
+    run_grouping(grouping, force=force)
+    return replace(job, inputs=grouping.folder.data_files(), columns=None, details=dict(job.details, update=True))
+
+
+def read_summaries(run_dir: str, mode: str, columns: list[str] | None = None, users: str = "protocol"):
+    """Every list's (users "all": every user's) summary row of `mode`, sorted by
+    list_id (small runs, tests)."""
+    folder = summary_folder(run_dir, mode, users)
     if not folder.exists():
         raise TrsrError(f"{folder.manifest}: not found; run `trsr summarize` with {mode} among summarize.modes first")
     return folder.read(columns=columns).sort_by("list_id")
@@ -201,4 +276,11 @@ def describe(stats: dict) -> str:
             f"{s.get('calls', 0)} engine calls, {s['seconds']:.1f} s"
             + (" [up to date, skipped]" if s.get("skipped") else "")
         )
+        refreshed = s.get("refresh") or {}
+        if s.get("update"):
+            lines.append(
+                f"  update: {refreshed.get('unchanged', 0)} users unchanged, {refreshed.get('updated', 0)} updated, "
+                f"{refreshed.get('new', 0)} new, {refreshed.get('recomputed', 0)} recomputed; "
+                f"{s.get('calls', 0)} engine calls made"
+            )
     return "\n".join(lines)
