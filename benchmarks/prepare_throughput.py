@@ -53,7 +53,7 @@ def peak_rss_mib() -> float:
 def child(stage: str, folder: str) -> dict:
     """Run one measurement in this (fresh) process; return its figures."""
     imported = time.perf_counter()
-    from trsr.config import MindSource
+    from trsr.data.converters.mind import MindSource
 
     source = MindSource(path=folder)
     if stage == "convert":
@@ -67,17 +67,14 @@ def child(stage: str, folder: str) -> dict:
     elif stage == "prepare":
         from trsr.data.prepare import prepare
 
-        try:
-            from trsr.experiment import ExperimentConfig
-        except ImportError:  # older layout: everything in trsr.config
-            from trsr.config import ExperimentConfig
-        from trsr.config import PrepareConfig
+        from trsr.data.config import PrepareConfig
+        from trsr.runner import RunContext
+        from trsr.runs import RunFolder
 
         run_dir = tempfile.mkdtemp(prefix="trsr-bench-run-", dir=CACHE)
         try:
-            experiment = ExperimentConfig(run_dir=run_dir, seed=42, prepare=PrepareConfig(source=source))
             started = time.perf_counter()
-            stats = prepare(experiment)
+            stats = prepare(PrepareConfig(source=source), RunContext(RunFolder(run_dir), seed=42))
             seconds = time.perf_counter() - started
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -115,7 +112,7 @@ def measure(stage: str, folder: Path) -> dict:
 
 def ensure_input(rows: int, news: int, users: int | None, seed: int) -> tuple[Path, dict]:
     """The cached synthetic MIND folder for this size, generated when absent."""
-    from trsr.config import SyntheticConfig
+    from trsr.data.config import SyntheticConfig
     from trsr.data.synthetic import generate_mind
 
     if users is None:

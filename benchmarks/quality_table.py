@@ -71,7 +71,7 @@ def evaluate_run(experiment: ExperimentConfig, split: str = "test") -> dict:
     """Every method under scores/, on the lists all of them share."""
     from trsr.evaluate.report import evaluate
 
-    return evaluate(experiment, split=split, write=True)
+    return evaluate(experiment.evaluate, experiment.context(), split=split, write=True)
 
 
 def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
@@ -82,8 +82,8 @@ def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
 
     experiment = experiment_for(name, extra)
     started = time.perf_counter()
-    prepare(experiment)
-    baselines = run_baselines(experiment)
+    prepare(experiment.prepare, experiment.context())
+    baselines = run_baselines(experiment.baselines, experiment.context())
     if llm:
         run_llm(experiment)
     result = evaluate_run(experiment)

@@ -116,9 +116,9 @@ def timed_summarize(exp, update: bool) -> dict:
     from trsr.data.prepare import prepare
     from trsr.summarize.job import summarize
 
-    prepare(exp)
+    prepare(exp.prepare, exp.context())
     started = time.perf_counter()
-    stats = summarize(exp, update=update)["modes"]["hierarchical"]
+    stats = summarize(exp.summarize, exp.context(), update=update)["modes"]["hierarchical"]
     return {
         "seconds": round(time.perf_counter() - started, 1),
         "calls": stats["calls"],

@@ -222,7 +222,7 @@ def child_prepare(users: int) -> dict:
 
     exp = experiment(users, "prepare")
     started = time.perf_counter()
-    stats = prepare(exp)
+    stats = prepare(exp.prepare, exp.context())
     return {
         "users": users,
         "lists": stats["accounting"]["protocol"]["users_per_split"]["test"],
@@ -282,11 +282,11 @@ def child_stages(users: int, part: str, block_batches: int, only: list[str] | No
 
     init_ray()
     stages = {}
-    jobs = [("summarize hierarchical", lambda: summarize_job(exp, "hierarchical"))]
+    jobs = [("summarize hierarchical", lambda: summarize_job(exp.summarize, exp.context(), "hierarchical"))]
     if part == "real":
         # With fixed answers the two modes run the same data path: one is measured.
-        jobs.append(("summarize recurrent", lambda: summarize_job(exp, "recurrent")))
-    jobs.append(("score", lambda: score_job(exp, "test")))
+        jobs.append(("summarize recurrent", lambda: summarize_job(exp.summarize, exp.context(), "recurrent")))
+    jobs.append(("score", lambda: score_job(exp.score, exp.context().run, "test")))
     if only:
         jobs = [(name, make) for name, make in jobs if name.split()[0] in only]
     for name, make in jobs:

@@ -87,7 +87,7 @@ def ranking_lists(args):
     from trsr.runs import RunFolder
 
     base = experiment(args, "hierarchical")
-    prepare(base)
+    prepare(base.prepare, base.context())
     run = RunFolder(base.run_dir)
     lists = storage.read_parquet(run.lists("test")).slice(0, args.lists)
     summary = " ".join((SUMMARY_WORDS * (args.summary_words // len(SUMMARY_WORDS) + 1))[: args.summary_words])

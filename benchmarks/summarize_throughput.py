@@ -16,7 +16,7 @@ level/step to the engine together) it measures, back to back:
             engine.generate calls the job makes. Timed: engine start, render, the
             engine.generate calls alone ("bare engine"), and the whole in-process run.
             The engine is closed before the job starts (never two engines at once).
-    job     summarize(experiment, force=True) for each --execution (fused, per_step):
+    job     summarize(config, context, force=True) for each --execution (fused, per_step):
             wall clock of the call, Ray start-up excluded (init_ray() runs first), the
             actors' engine start included.
 
@@ -101,7 +101,7 @@ def prepare_data(args) -> dict:
 
     experiment = experiment_for(args, "transformers", "fused")
     started = time.perf_counter()
-    stats = prepare(experiment)
+    stats = prepare(experiment.prepare, experiment.context())
     seconds = time.perf_counter() - started
     return {
         "run_dir": experiment.run_dir,
@@ -149,7 +149,8 @@ def run_bare(experiment) -> tuple[dict, dict]:
     from trsr import storage
     from trsr.runs import RunFolder
     from trsr.summarize.job import INPUT_SPLITS, split_caps
-    from trsr.summarize.stages import Finalize, RenderBlocks, SummarizeStage, steps_needed
+    from trsr.summarize.render import RenderBlocks
+    from trsr.summarize.stages import Finalize, SummarizeStage, steps_needed
 
     config = experiment.summarize
     run = RunFolder(experiment.run_dir)
@@ -236,7 +237,7 @@ def run_bare(experiment) -> tuple[dict, dict]:
 
 
 def run_job(experiment) -> tuple[dict, dict]:
-    """summarize(experiment, force=True), wall clock; (figures, tables by mode)."""
+    """summarize(config, context, force=True), wall clock; (figures, tables by mode)."""
     import pyarrow.compute as pc
 
     from trsr.summarize.job import read_summaries, summarize
@@ -244,7 +245,7 @@ def run_job(experiment) -> tuple[dict, dict]:
     load_before = os.getloadavg()[0]
     wall_start = time.time()
     started = time.perf_counter()
-    stats = summarize(experiment, force=True)
+    stats = summarize(experiment.summarize, experiment.context(), force=True)
     seconds = time.perf_counter() - started
     try:
         breakdown = actor_breakdown(wall_start, wall_start + seconds)

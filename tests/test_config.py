@@ -75,3 +75,16 @@ def test_shipped_recipes_validate():
     assert recipes
     for recipe in recipes:
         load(ExperimentConfig, recipe)
+
+
+def test_one_domain_words_both_prompts():
+    """summarize.domain and score.prompt.domain are one setting: the one given is used
+    for both, and two different ones are an error (they once disagreed in a recipe)."""
+    base = ["run_dir=runs/x", "prepare.source.format=mind", "prepare.source.path=data/mind"]
+    only_summarizer = load(ExperimentConfig, None, [*base, "summarize.domain=shopping"])
+    assert only_summarizer.score.prompt.domain == "shopping"
+    only_recommender = load(ExperimentConfig, None, [*base, "score.prompt.domain=generic"])
+    assert only_recommender.summarize.domain == "generic"
+    assert load(ExperimentConfig, None, base).score.prompt.domain == "news"
+    with pytest.raises(ConfigError, match="summarize.domain=shopping and score.prompt.domain=news disagree"):
+        load(ExperimentConfig, None, [*base, "summarize.domain=shopping", "score.prompt.domain=news"])

@@ -1,8 +1,8 @@
 """Typed configuration: sections, YAML recipes, dotted CLI overrides.
 
-This module holds the config machinery and the data sections (sources, protocol,
-prepare). Each later stage declares its section next to its code
-(`trsr.summarize.config`, ...); `trsr.experiment.ExperimentConfig` composes them.
+This module holds the config machinery. Each stage declares its section next to its
+code (`trsr.data.config`, `trsr.summarize.config`, ...; each source's class next to
+its converter); `trsr.experiment.ExperimentConfig` composes them.
 
 An experiment is one YAML recipe (see `jobs/configs/`): a run folder, a seed, and
 one section per stage. Every job reads the same recipe and uses its own section, so
@@ -23,10 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from trsr.errors import ConfigError
 
@@ -46,140 +46,6 @@ class Section(BaseModel):
                 if old in data:
                     raise ValueError(f"'{old}' was renamed to '{new}'")
         return data
-
-
-# --------------------------------------------------------------------------- sources
-# One class per raw format; `format` selects it. The converters live in
-# trsr/data/converters/<format>.py and read exactly these fields.
-
-
-class MindSource(Section):
-    """MIND: `behaviors.tsv` + `news.tsv` (tab separated, no header)."""
-
-    format: Literal["mind"] = "mind"
-    path: str = Field(description="folder holding the two files")
-    behaviors: str = "behaviors.tsv"
-    news: str = "news.tsv"
-    # Rendered in this order; any of category, subcategory, title, abstract.
-    attributes: list[str] = ["category", "subcategory", "title"]
-
-
-class AmazonM2Source(Section):
-    """Amazon-M2 (KDD Cup 2023): sessions_train.csv + products_train.csv."""
-
-    format: Literal["amazon_m2"] = "amazon_m2"
-    path: str
-    sessions: str = "sessions_train.csv"
-    products: str = "products_train.csv"
-    # Keep one locale (product ids are per locale); null keeps all (ids become id@locale).
-    locale: str | None = "UK"
-    attributes: list[str] = [
-        "title", "price", "brand", "color", "size", "model", "material", "author", "desc", "locale",
-    ]
-
-
-class RecBoleSource(Section):
-    """RecBole atomic files: `<name>.item` plus `<name>.inter` or `<name>.test.inter`."""
-
-    format: Literal["recbole"] = "recbole"
-    path: str
-    # File stem; inferred when the folder holds one dataset.
-    dataset: str | None = None
-    # Interaction file suffix: "test.inter" (history list + next item) or "inter"
-    # (user, item, timestamp rows); null picks test.inter when present.
-    inter: str | None = None
-    # Item columns (names without the ":type" suffix); null = every text column.
-    attributes: list[str] | None = None
-
-
-class GenericSource(Section):
-    """Bring your own data: an interactions table and an items table.
-
-    Files may be .csv, .tsv, .parquet or .jsonl; paths are relative to `path`.
-    """
-
-    format: Literal["generic"] = "generic"
-    path: str
-    interactions: str = "interactions.csv"
-    items: str = "items.csv"
-    user_column: str = "user_id"
-    item_column: str = "item_id"
-    # Orders each user's interactions; null keeps file order.
-    time_column: str | None = "timestamp"
-    # Id column in the items table; null = item_column.
-    item_id_column: str | None = None
-    # Text columns of the items table to use, in order; null = all but the id.
-    attributes: list[str] | None = None
-
-
-Source = Annotated[
-    Union[MindSource, AmazonM2Source, RecBoleSource, GenericSource],
-    Field(discriminator="format"),
-]
-SOURCE_FORMATS = ("mind", "amazon_m2", "recbole", "generic")
-
-
-# -------------------------------------------------------------------------- protocol
-
-
-class PerSplit(Section):
-    train: float = 0.8
-    valid: float = 0.1
-    test: float = 0.1
-
-
-class NegativesPerSplit(Section):
-    train: int = Field(1, ge=1)
-    valid: int = Field(20, ge=1)
-    test: int = Field(20, ge=1)
-
-
-class ProtocolConfig(Section):
-    """The paper's sampling protocol (done right: seeded, exclusions, shuffled lists)."""
-
-    min_history: int = Field(10, ge=1)
-    max_history: int = Field(25, ge=1)
-    # Users with a longer history: "drop" them (paper) or keep the most recent max_history.
-    long_history: Literal["drop", "truncate"] = "drop"
-    # Users per split: a fraction (<= 1.0) of eligible users, or a count (> 1).
-    # Leftover users are accounted for as "not sampled".
-    users: PerSplit = PerSplit()
-    # Negatives per positive: 1:1 for training, 1:20 for validation and test.
-    negatives: NegativesPerSplit = NegativesPerSplit()
-
-    @model_validator(mode="after")
-    def _check(self) -> "ProtocolConfig":
-        if self.min_history > self.max_history:
-            raise ValueError(
-                f"min_history ({self.min_history}) > max_history ({self.max_history})"
-            )
-        fractions = [v for v in (self.users.train, self.users.valid, self.users.test) if v <= 1]
-        if len(fractions) == 3 and sum(fractions) > 1.0 + 1e-9:
-            raise ValueError(f"users fractions add up to {sum(fractions)} > 1")
-        return self
-
-
-class SyntheticConfig(Section):
-    """A generated MIND-format dataset with learnable structure (demo and tests)."""
-
-    users: int = Field(600, ge=1)
-    items: int = Field(1200, ge=10)
-    topics: int = Field(8, ge=2)
-    min_history: int = 10
-    max_history: int = 25
-    impressions: int = Field(10, ge=2, description="candidates shown per impression row")
-    rows_per_user: int = Field(1, ge=1, description="behaviour rows per user")
-    seed: int = 0
-
-
-class PrepareConfig(Section):
-    source: Source
-    # When set, `source` (MIND format) is generated first if absent.
-    synthetic: SyntheticConfig | None = None
-    protocol: ProtocolConfig = ProtocolConfig()
-    # Tokenizer for the stats' tokens-per-item: "whitespace", a model reference
-    # (see trsr.llm.models), e.g. "smollm2-135m-instruct".
-    stats_tokenizer: str = "whitespace"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -264,7 +130,3 @@ def fingerprint(*parts: Any) -> str:
     payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def to_yaml(config: BaseModel) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -11,20 +11,19 @@ variant, `score.prompt.variant` (or `--variant`).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 from pydantic import model_validator
 
 from trsr.baselines.config import BaselinesConfig
-from trsr.config import PrepareConfig, Section
-from trsr.evaluate.report import EvaluateConfig
-from trsr.recommend.config import SFTConfig, ScoreConfig
-from trsr.recommend.prompt import VARIANTS
+from trsr.config import Section
+from trsr.data.config import PrepareConfig
+from trsr.evaluate.config import EvaluateConfig
+from trsr.recommend.config import VARIANTS, SFTConfig, ScoreConfig, Variant
 from trsr.ray_utils import ClusterShape
-from trsr.runner import RunnerConfig
+from trsr.runner import RunContext, RunnerConfig
+from trsr.runs import RunFolder
 from trsr.summarize.config import SummarizeConfig
-
-Variant = Literal["hierarchical", "recurrent", "summary_only", "tallrec"]
 
 
 class ExperimentConfig(Section):
@@ -51,6 +50,28 @@ class ExperimentConfig(Section):
     # should declare its full shape here).
     cluster: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_domain(cls, data: Any) -> Any:
+        """summarize.domain and score.prompt.domain word the same catalogue (trsr.domains):
+        the one a recipe sets is used for both; both set and different is an error."""
+        if not isinstance(data, dict):
+            return data
+        summarize, score = data.get("summarize"), data.get("score")
+        prompt = score.get("prompt") if isinstance(score, dict) else None
+        ours = summarize.get("domain") if isinstance(summarize, dict) else None
+        theirs = prompt.get("domain") if isinstance(prompt, dict) else None
+        if ours and theirs and ours != theirs:
+            raise ValueError(
+                f"summarize.domain={ours} and score.prompt.domain={theirs} disagree: both word "
+                "the same catalogue; set one of them (the other follows)"
+            )
+        if ours and not theirs and (score is None or isinstance(score, dict)) and (prompt is None or isinstance(prompt, dict)):
+            data = {**data, "score": {**(score or {}), "prompt": {**(prompt or {}), "domain": ours}}}
+        elif theirs and not ours and (summarize is None or isinstance(summarize, dict)):
+            data = {**data, "summarize": {**(summarize or {}), "domain": theirs}}
+        return data
+
     @model_validator(mode="after")
     def _check_variants(self) -> "ExperimentConfig":
         if self.variants is not None:
@@ -69,6 +90,11 @@ class ExperimentConfig(Section):
                     f"variant {variant} reads {mode} summaries but summarize.modes is {self.summarize.modes}"
                 )
         return self
+
+    def context(self) -> RunContext:
+        """The run folder, seed and runner settings every stage job takes beside its own
+        section."""
+        return RunContext(RunFolder(self.run_dir), self.seed, self.runner)
 
     def variant_names(self) -> list[str]:
         return list(self.variants) if self.variants is not None else [self.score.prompt.variant]

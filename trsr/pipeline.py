@@ -57,28 +57,29 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
     results: dict = {}
     print(f"run folder {experiment.run_dir}", flush=True)
     check_resources(experiment)
-    _stage("prepare", lambda: prepare(experiment, force=force), describe_prepare, results)
+    context = experiment.context()
+    _stage("prepare", lambda: prepare(experiment.prepare, context, force=force), describe_prepare, results)
     needs_summaries = any(experiment.for_variant(v).score.prompt.mode for v in experiment.variant_names())
     if needs_summaries:
-        _stage("summarize", lambda: summarize(experiment, force=force), describe_summaries, results)
+        _stage("summarize", lambda: summarize(experiment.summarize, context, force=force), describe_summaries, results)
     methods = []
     for variant in experiment.variant_names():
         variant_experiment = experiment.for_variant(variant)
         method = variant_experiment.score.method_name
         methods.append(method)
         if variant_experiment.train.enabled:
-            _stage(f"train {method}", lambda: train(variant_experiment, force=force), describe_training, results)
-        _stage(f"score {method}", lambda: score(variant_experiment, split=None, force=force), describe_scores, results)
+            _stage(f"train {method}", lambda: train(variant_experiment.train, variant_experiment.score, context, force=force), describe_training, results)
+        _stage(f"score {method}", lambda: score(variant_experiment.score, context, split=None, force=force, trained=variant_experiment.train.enabled), describe_scores, results)
     if experiment.with_baselines:
         from trsr.baselines.job import describe as describe_baselines
         from trsr.baselines.job import run_baselines
 
-        done = _stage("baselines", lambda: run_baselines(experiment, force=force), describe_baselines, results)
+        done = _stage("baselines", lambda: run_baselines(experiment.baselines, context, force=force), describe_baselines, results)
         methods.extend(done)  # {method: stats}
     # This run's methods (plus any named in evaluate.methods), not stale folders of
     # earlier configs.
     methods = list(dict.fromkeys((experiment.evaluate.methods or []) + methods))
-    report = _stage("evaluate", lambda: evaluate(experiment, methods=methods), lambda r: "", results)
+    report = _stage("evaluate", lambda: evaluate(experiment.evaluate, context, methods=methods), lambda r: "", results)
     print(markdown(report), flush=True)
     print(f"pipeline finished in {time.perf_counter() - started:.1f} s; outputs in {experiment.run_dir}", flush=True)
     return results

@@ -160,6 +160,11 @@ class StageFolder:
 
 
 class RunFolder:
+    """Every path of a run folder: each stage's folder is named here and nowhere else."""
+
+    SCORES = "scores"
+    REPORT = "report"
+
     def __init__(self, run_dir: str):
         self.root = str(run_dir)
 
@@ -177,6 +182,12 @@ class RunFolder:
 
     def prepared_fingerprint(self) -> str:
         return self.prepared_stage.require(f"run `trsr data prepare` into {self.root} first")
+
+    def prepared_min_history(self) -> int | None:
+        """The shortest history the prepared protocol kept (None: prepared before it was
+        recorded), for the stages whose prompts show K recent items."""
+        self.prepared_fingerprint()
+        return (self.prepared_stage.stats().get("protocol") or {}).get("min_history")
 
     def items(self) -> str:
         return storage.join(self.prepared, "items.parquet")
@@ -224,11 +235,15 @@ class RunFolder:
 
     def scores(self, method: str, split: str) -> StageFolder:
         _check_split(split)
-        return StageFolder(storage.join(self.root, "scores", method, split), f"scores/{method}/{split}")
+        return StageFolder(storage.join(self.method_scores(method), split), f"{self.SCORES}/{method}/{split}")
+
+    def method_scores(self, method: str) -> str:
+        """scores/<method>/: every split of a method (and a baseline's stats.json)."""
+        return storage.join(self.root, self.SCORES, method)
 
     def score_methods(self) -> list[str]:
         """Methods with a scores/<method>/ folder."""
-        folder = storage.join(self.root, "scores")
+        folder = self.stage_dir(self.SCORES)
         fs = storage.fsspec_filesystem(folder)
         if not fs.exists(folder):
             return []
@@ -236,11 +251,21 @@ class RunFolder:
             posixpath.basename(str(e["name"]).rstrip("/")) for e in fs.ls(folder, detail=True) if e["type"] == "directory"
         )
 
+    def candidate_input(self, method: str) -> StageFolder:
+        """`trsr score --candidates`: the candidates grouped into one row per user."""
+        return StageFolder(storage.join(self.root, "candidates", method, "input"), f"candidates/{method}/input")
+
+    def candidate_scores(self, method: str, output: str | None = None) -> StageFolder:
+        """`trsr score --candidates`: the ranked candidates (`output`, else in the run folder)."""
+        if output:
+            return StageFolder(output, output)
+        return StageFolder(storage.join(self.root, "candidates", method, "scores"), f"candidates/{method}/scores")
+
     def embeddings(self, encoder: str) -> StageFolder:
         return StageFolder(storage.join(self.root, "embeddings", encoder), f"embeddings/{encoder}")
 
     def report(self, name: str) -> str:
-        return storage.join(self.root, "report", name)
+        return storage.join(self.root, self.REPORT, name)
 
 
 def _check_split(split: str) -> None:

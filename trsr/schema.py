@@ -1,8 +1,12 @@
 """The canonical data model: every Parquet file a trsr job reads or writes.
 
-Each table has exactly one schema, declared here. Converters produce `ITEMS` and
-`SEQUENCES`; the protocol turns them into `SAMPLES`; scorers (LLM and baselines)
-write `SCORES`; every stage sends bad rows to `REJECTS` with a reason.
+Every table written to a run folder has exactly one schema, declared here. Converters
+produce `ITEMS` and `SEQUENCES`; the protocol turns them into `SAMPLES` and `LISTS`;
+summarize writes `SUMMARIES`, training texts `EXAMPLES`, scorers `SCORES` (the LLM's
+with diagnostics), `trsr score --candidates` `CANDIDATE_LISTS` then `CANDIDATE_SCORES`;
+every stage sends bad rows to `REJECTS` with a reason. Row layouts that live only in
+memory between the steps of one stage (the summarizer's STATE, PROMPT_LISTS, the
+training ingest's TOKENIZED/PACKED, grouping rows) are declared with their stage.
 
     items       item_id, attributes = ordered [(name, value)] text attributes
     sequences   user_id, item_ids (chronological), timestamps (optional, same length)
@@ -166,6 +170,69 @@ CANDIDATE_SCORES = pa.schema(
         pa.field("logp_no", pa.float64()),
     ]
 )
+
+
+# ---------------------------------------------------------- tables of the later stages
+
+# scores/<method>/<split>/ as the LLM scorer writes it: SCORES + why each prompt looks as
+# it does (evaluate reads the SCORES columns).
+SCORE_DIAGNOSTICS = [
+    pa.field("position", pa.int16()),
+    pa.field("logp_yes", pa.float64()),
+    pa.field("logp_no", pa.float64()),
+    pa.field("prompt_tokens", pa.int32()),
+    pa.field("history_items", pa.int16()),
+    pa.field("items_dropped", pa.int16()),
+    pa.field("summary_words_cut", pa.int32()),
+    pa.field("caps_shortened", pa.bool_()),
+    pa.field("summary_status", pa.string()),
+]
+SCORES_WITH_DIAGNOSTICS = pa.schema(list(SCORES) + SCORE_DIAGNOSTICS)
+
+# train/<method>/texts/: one training text per candidate (the answer starts at answer_start).
+EXAMPLES = pa.schema(
+    [
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("answer_start", pa.int64(), nullable=False),
+        pa.field("list_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("position", pa.int16(), nullable=False),  # the candidate's place in its list
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("summary_status", pa.string(), nullable=False),
+        pa.field("history_items", pa.int16(), nullable=False),
+    ]
+)
+
+# embeddings/<encoder>/: one vector per catalogue item (baselines).
+EMBEDDINGS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("embedding", pa.list_(pa.float32()))])
+
+# candidates/<method>/input/: one user's candidates from `trsr score --candidates`, grouped
+# with their summary and history; `rejected` keeps the candidates set aside, with why.
+REJECTED = pa.struct([("item_id", pa.string()), ("reason", pa.string())])
+# One user's candidate list, as the checkpointed stage reads it.
+CANDIDATE_LISTS = pa.schema(
+    list(LISTS)
+    + [
+        pa.field("summary", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("scorable", pa.bool_()),  # at least one known candidate of a known user
+        pa.field("rejected", pa.list_(REJECTED)),
+    ]
+)
+
+# user_summaries/<mode>.update/ (`trsr summarize --update`): each user's new history
+# beside their earlier summary row.
+# Every field nullable: a user without an earlier row has a null struct.
+PREVIOUS = pa.struct([field.with_nullable(True) for field in SUMMARIES])
+# The rows of the grouping pass, and the summarize stage's input in an update.
+UPDATE_INPUT = pa.schema(
+    [
+        pa.field("user_id", pa.string()),
+        pa.field("item_ids", pa.list_(pa.string())),
+        pa.field("previous", PREVIOUS),  # the user's earlier row (null: none)
+    ]
+)
+
 
 REJECTS = pa.schema(
     [

@@ -60,9 +60,9 @@ def experiment(run_dir, data_dir, *overrides):
 def trained(ray_local, tmp_path_factory):
     root = tmp_path_factory.mktemp("baselines")
     exp = experiment(root / "run", root / "data")
-    prepare(exp)
+    prepare(exp.prepare, exp.context())
     started = time.perf_counter()
-    result = run_baselines(exp)
+    result = run_baselines(exp.baselines, exp.context())
     return exp, result, time.perf_counter() - started
 
 
@@ -136,10 +136,10 @@ def test_small_training_sets_get_smaller_batches_not_fewer_steps():
 def test_up_to_date_models_are_skipped_and_embeddings_reused(trained):
     exp, _, first_seconds = trained
     started = time.perf_counter()
-    again = run_baselines(exp)
+    again = run_baselines(exp.baselines, exp.context())
     assert all(stats["skipped"] for stats in again.values())
     assert time.perf_counter() - started < 10 < first_seconds
-    info = compute_embeddings(exp, exp.baselines.encoder)
+    info = compute_embeddings(exp.baselines.encoder, exp.context())
     assert info["skipped"] is True and info["path"] == embeddings_path(exp.run_dir, "all-minilm-l6-v2")
     catalogue = storage.read_parquet(RunFolder(exp.run_dir).items()).column("item_id").to_pylist()
     items, matrix = load_embeddings(info["path"], order=catalogue)
@@ -148,7 +148,7 @@ def test_up_to_date_models_are_skipped_and_embeddings_reused(trained):
     assert np.allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-4)
     # Another encoder setting is another fingerprint: not reused.
     other = exp.baselines.encoder.model_copy(update={"max_length": 16})
-    assert compute_embeddings(exp, other)["skipped"] is False
+    assert compute_embeddings(other, exp.context())["skipped"] is False
 
 
 def test_same_seed_same_scores_other_seed_other_scores(trained, tmp_path):
@@ -159,12 +159,12 @@ def test_same_seed_same_scores_other_seed_other_scores(trained, tmp_path):
         shutil.copytree(RunFolder(exp.run_dir).stage_dir(stage), copy / stage)
     models = "baselines.models=[dien, sasrec, random]"
     same = experiment(copy, "unused", models)
-    result = run_baselines(same)
+    result = run_baselines(same.baselines, same.context())
     assert not any(stats["skipped"] for stats in result.values())
     for method in ("dien", "sasrec", "random"):
         assert _scores(same, method).equals(_scores(exp, method)), method
     other = experiment(tmp_path / "copy", "unused", "baselines.models=[sasrec, random]", "baselines.seed=7")
-    run_baselines(other)
+    run_baselines(other.baselines, other.context())
     for method in ("sasrec", "random"):
         assert not _scores(other, method).column("score").equals(_scores(exp, method).column("score"))
 
@@ -182,11 +182,11 @@ def test_bad_configs_name_the_problem(trained):
         update={"baselines": BaselinesConfig(models=["random"], device="cuda", gpus_per_model=1)}
     )
     with pytest.raises(ConfigError, match="GPU"):
-        run_baselines(gpu, force=True)
+        run_baselines(gpu.baselines, gpu.context(), force=True)
     # No prepared data: says which command to run.
     missing = experiment("/nonexistent/run", "d")
     with pytest.raises(Exception, match="trsr data prepare"):
-        run_baselines(missing)
+        run_baselines(missing.baselines, missing.context())
 
 
 def test_cli_baselines(trained, tmp_path, capsys):

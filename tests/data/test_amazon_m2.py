@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trsr.config import AmazonM2Source
+from trsr.data.converters.amazon_m2 import AmazonM2Source
 from trsr.data.converters import convert
 from trsr.data.converters.amazon_m2 import convert as convert_amazon_m2
 from trsr.errors import ConfigError, InputFileError

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from trsr.config import GenericSource
+from trsr.data.converters.generic import GenericSource
 from trsr.data.converters import convert
 from trsr.data.converters.generic import convert as convert_generic
 from trsr.errors import ConfigError, InputFileError

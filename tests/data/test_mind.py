@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from trsr.config import MindSource
+from trsr.data.converters.mind import MindSource
 from trsr.data.converters import convert as dispatch
 from trsr.data.converters.mind import convert
 from trsr.errors import ConfigError, InputFileError

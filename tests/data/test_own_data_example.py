@@ -30,7 +30,7 @@ def test_the_template_recipe_prepares_the_example_without_rejects(tmp_path):
         ROOT / "jobs" / "configs" / "generic.yaml",
         [f"run_dir={tmp_path / 'run'}", f"prepare.source.path={EXAMPLE}"],
     )
-    stats = prepare(experiment)
+    stats = prepare(experiment.prepare, experiment.context())
     accounting = stats["accounting"]
     assert accounting["convert"]["users_in"] == accounting["convert"]["users_out"] == 120
     assert accounting["convert"]["rows_rejected"] == 0 and accounting["convert"]["items_rejected"] == 0

@@ -28,7 +28,7 @@ def synthetic_experiment(run_dir, data_dir, *overrides):
 
 def test_prepare_writes_every_output_and_accounts_for_every_user(tmp_path):
     experiment = synthetic_experiment(tmp_path / "run", tmp_path / "data")
-    stats = prepare(experiment)
+    stats = prepare(experiment.prepare, experiment.context())
     run = RunFolder(experiment.run_dir)
     for path in [run.items(), run.sequences(), run.rejects("prepared"), run.prepared_stage.stats_path]:
         assert storage.exists(path), path
@@ -63,22 +63,22 @@ def test_same_seed_same_samples_and_up_to_date_stage_is_skipped(tmp_path):
     first = synthetic_experiment(tmp_path / "a", tmp_path / "data")
     second = synthetic_experiment(tmp_path / "b", tmp_path / "data")
     other = synthetic_experiment(tmp_path / "c", tmp_path / "data", "seed=7")
-    assert prepare(first)["skipped"] is False
-    prepare(second)
-    prepare(other)
+    assert prepare(first.prepare, first.context())["skipped"] is False
+    prepare(second.prepare, second.context())
+    prepare(other.prepare, other.context())
     for split in ("train", "valid", "test"):
         a = load_samples(first.run_dir, split)
         assert a.equals(load_samples(second.run_dir, split))
     assert not load_samples(first.run_dir, "test").equals(load_samples(other.run_dir, "test"))
-    assert prepare(first)["skipped"] is True
+    assert prepare(first.prepare, first.context())["skipped"] is True
     changed = synthetic_experiment(tmp_path / "a", tmp_path / "data", "prepare.protocol.min_history=12")
-    assert prepare(changed)["skipped"] is False
+    assert prepare(changed.prepare, changed.context())["skipped"] is False
 
 
 @pytest.mark.integration
 def test_prepare_reads_and_writes_s3(tmp_path, s3_bucket):
     local = synthetic_experiment(tmp_path / "run", tmp_path / "data")
-    prepare(local)  # also generates the raw data locally
+    prepare(local.prepare, local.context())  # also generates the raw data locally
     # Upload the raw MIND files, then prepare from S3 into an S3 run folder.
     for name in ("behaviors.tsv", "news.tsv"):
         with storage.open_binary(f"{s3_bucket}/raw/{name}", "wb") as handle:
@@ -88,11 +88,11 @@ def test_prepare_reads_and_writes_s3(tmp_path, s3_bucket):
         None,
         [f"run_dir={s3_bucket}/run", "prepare.source.format=mind", f"prepare.source.path={s3_bucket}/raw"],
     )
-    stats = prepare(remote)
+    stats = prepare(remote.prepare, remote.context())
     assert stats["accounting"]["convert"]["users_in"] == 120
     for split in ("train", "valid", "test"):
         assert load_samples(remote.run_dir, split).equals(load_samples(local.run_dir, split))
-    assert prepare(remote)["skipped"] is True
+    assert prepare(remote.prepare, remote.context())["skipped"] is True
 
 
 def test_cli_prepare_and_stats(tmp_path, capsys):
@@ -129,7 +129,7 @@ def test_amazon_games_protocol(shared_data, tmp_path):
             "prepare.protocol.users={train: 6285, valid: 1000, test: 1000}",
         ],
     )
-    stats = prepare(experiment)
+    stats = prepare(experiment.prepare, experiment.context())
     assert sum(stats["accounting"]["protocol"]["users_per_split"].values()) == 8285
     test = load_samples(experiment.run_dir, "test")
     assert test.num_rows == 1000 * 21
@@ -140,7 +140,7 @@ def test_amazon_games_protocol(shared_data, tmp_path):
         f"prepare.source.path={shared_data / 'amazon-games-6k'}",
         "prepare.protocol.users={train: 6285, valid: 1000, test: 1000}",
     ]])
-    prepare(again)
+    prepare(again.prepare, again.context())
     assert load_samples(again.run_dir, "test").equals(test)
 
 

@@ -2,7 +2,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from trsr.config import ProtocolConfig
+from trsr.data.config import ProtocolConfig
 from trsr.data import protocol
 from trsr.data.rejects import Rejects
 from trsr.schema import SAMPLES, SEQUENCES

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trsr.config import RecBoleSource
+from trsr.data.converters.recbole import RecBoleSource
 from trsr.data.converters import convert
 from trsr.data.converters.recbole import convert as convert_recbole
 from trsr.errors import ConfigError, InputFileError

@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from trsr.config import MindSource, SyntheticConfig
+from trsr.data.config import MindSource, SyntheticConfig
 from trsr.data.converters.mind import convert
 from trsr.data.synthetic import generate_mind
 from trsr.errors import ConfigError

@@ -14,7 +14,7 @@ from trsr.evaluate.metrics import (
     chance_level,
     per_list_metrics,
     ranking_metrics,
-    summarize,
+    mean_metrics,
 )
 
 LOG2_3 = math.log2(3)
@@ -350,7 +350,7 @@ def test_integer_list_ids():
     np.testing.assert_array_equal(result["recall@1"], [1.0, 0.0])
 
 
-def test_summarize_of_no_lists():
+def test_ranking_metrics_of_no_lists():
     summary = ranking_metrics([], [], [])
     assert summary["lists"] == 0
     assert math.isnan(summary["recall@3"])
@@ -433,4 +433,4 @@ def test_bootstrap_over_per_list_output():
     ids, labels, scores = columns(HAND_ROWS)
     per_list = per_list_metrics(ids, labels, scores)
     low, high = bootstrap_ci(per_list["auc"], n=200)  # the NaN of list "d" is dropped
-    assert 0.0 <= low <= summarize(per_list)["auc"] <= high <= 1.0
+    assert 0.0 <= low <= mean_metrics(per_list)["auc"] <= high <= 1.0

@@ -39,6 +39,11 @@ def experiment(run_dir, *extra):
                                          "prepare.source.path=unused", "evaluate.bootstrap=300", *extra])
 
 
+def evaluate_run(run_dir, *extra, **kwargs):
+    exp = experiment(run_dir, *extra)
+    return evaluate(exp.evaluate, exp.context(), **kwargs)
+
+
 def test_perfect_constant_and_random_scorers(tmp_path):
     run = str(tmp_path / "run")
     rng = np.random.default_rng(0)
@@ -47,7 +52,7 @@ def test_perfect_constant_and_random_scorers(tmp_path):
     write_scores(run, "random", 600, lambda n, c, label: rng.random())
     assert find_methods(run, "test") == ["constant", "perfect", "random"]
 
-    result = evaluate(experiment(run))
+    result = evaluate_run(run)
     perfect, constant, random = (result["methods"][m] for m in ("perfect", "constant", "random"))
     for k in (3, 5, 10):
         assert perfect["metrics"][f"recall@{k}"] == 1.0 and perfect["intervals"][f"recall@{k}"] == [1.0, 1.0]
@@ -72,32 +77,32 @@ def test_perfect_constant_and_random_scorers(tmp_path):
     assert storage.read_bytes(storage.join(run, "report", "test.png"))[:4] == b"\x89PNG"
 
     # Deterministic: the same inputs and seed give the same report.
-    assert evaluate(experiment(run), write=False)["methods"] == result["methods"]
+    assert evaluate_run(run, write=False)["methods"] == result["methods"]
 
 
 def test_methods_are_compared_on_the_lists_they_share(tmp_path):
     run = str(tmp_path / "run")
     write_scores(run, "all", 50, lambda n, c, label: label)
     write_scores(run, "some", 20, lambda n, c, label: label)
-    result = evaluate(experiment(run))
+    result = evaluate_run(run)
     assert result["lists"] == 20
     assert result["methods"]["all"]["lists"] == 20 and result["methods"]["all"]["lists_scored"] == 50
     assert "Lists scored per method" in storage.read_bytes(storage.join(run, "report", "test.md")).decode()
-    only = evaluate(experiment(run, "evaluate.methods=[all]"), write=False)
+    only = evaluate_run(run, "evaluate.methods=[all]", write=False)
     assert only["lists"] == 50 and list(only["methods"]) == ["all"]
 
 
 def test_missing_scores_and_bad_files_fail_clearly(tmp_path):
     run = str(tmp_path / "run")
     with pytest.raises(TrsrError, match="no scores for split 'test'; run `trsr score`"):
-        evaluate(experiment(run))
+        evaluate_run(run)
     write_scores(run, "a", 5, lambda n, c, label: label)
     with pytest.raises(TrsrError, match=r"scores/b/test: no complete scores"):
-        evaluate(experiment(run, "evaluate.methods=[a, b]"))
+        evaluate_run(run, "evaluate.methods=[a, b]")
     bad = pa.table({"list_id": ["x"], "score": [0.1]})
     write_complete(run, "c", "test", bad)
     with pytest.raises(TrsrError, match=r"scores/c/test: missing column\(s\)"):
-        evaluate(experiment(run))
+        evaluate_run(run)
 
 
 def test_evaluate_cli_prints_the_table(tmp_path, capsys):
@@ -128,7 +133,7 @@ def test_the_report_says_how_many_lists_each_llm_method_scored_without_a_summary
     # The score stage's stats count lists by summary status.
     RunFolder(run).scores("llm-trsr-hierarchical", "test").finish("by-hand", {"summary_status": {"ok": 33, "over_length": 5, "missing": 2}})
     RunFolder(run).scores("tallrec", "test").finish("by-hand", {"summary_status": {"unused": 40}})
-    result = evaluate(experiment(run))
+    result = evaluate_run(run)
     rows = result["methods"]
     assert rows["llm-trsr-hierarchical"]["lists_without_summary"] == 7
     assert rows["tallrec"]["lists_without_summary"] is None and rows["ncf"]["lists_without_summary"] is None
@@ -146,7 +151,7 @@ def test_the_report_shows_the_summaries_health_and_the_run_behind_it(tmp_path):
     folder.scores("llm-trsr-recurrent", "test").finish(
         "by-hand", {"seconds": 56.0, "summary_status": {"ok": 40}}, model="smollm2-135m-instruct", adapter="/x/adapter"
     )
-    result = evaluate(experiment(run))
+    result = evaluate_run(run)
     facts = result["run"]
     assert facts["summaries"] == {"recurrent": {"echo": 6, "missing": 4, "ok": 30}}
     assert facts["stage_seconds"] == {"summarize recurrent": 123.4, "score llm-trsr-recurrent": 56.0}

@@ -68,13 +68,7 @@ def test_greedy_generation_equals_transformers(vllm_engine, hf_engine):
     assert {g.finish_reason for g in ours} == {"length"}
 
 
-def test_stop_strings_and_length_limit(vllm_engine, hf_engine):
-    long_run = hf_engine.generate(["Once upon a time"], GenerationParams(max_new_tokens=12))[0]
-    stop = long_run.text[len(long_run.text) // 2 :][:3]
-    params = GenerationParams(max_new_tokens=12, stop=(stop,))
-    ours = vllm_engine.generate(["Once upon a time"], params)[0]
-    assert ours.finish_reason == "stop"
-    assert ours.text == hf_engine.generate(["Once upon a time"], params)[0].text
+def test_length_limit(vllm_engine):
     # A prompt of 250 tokens leaves 6 of the 256-token window, as in the HF engine.
     filled = vllm_engine.generate([" ".join(["cat"] * 250)], GenerationParams(max_new_tokens=20))[0]
     assert (filled.output_tokens, filled.finish_reason) == (6, "length")

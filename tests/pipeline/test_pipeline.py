@@ -82,22 +82,23 @@ def test_stages_out_of_order_and_bad_configs_fail_clearly(tmp_path, tiny_model, 
 
     experiment = tiny_experiment(tmp_path, tiny_model)
     with pytest.raises(TrsrError, match=r"prepared/_manifest.json: not found; run `trsr data prepare`"):
-        train(experiment)
-    prepare(experiment)
+        train(experiment.train, experiment.score, experiment.context())
+    prepare(experiment.prepare, experiment.context())
     with pytest.raises(TrsrError, match=r"summaries/hierarchical/_manifest.json: not found; run `trsr summarize`"):
-        train(experiment)
+        train(experiment.train, experiment.score, experiment.context())
+    tallrec = experiment.for_variant("tallrec")
     with pytest.raises(TrsrError, match=r"train/tallrec/result.json: not found; run `trsr train`"):
-        score(experiment.for_variant("tallrec"))
+        score(tallrec.score, tallrec.context(), trained=tallrec.train.enabled)
     # K larger than the shortest history the protocol allows.
-    deep = experiment.for_variant("tallrec")
+    deep = tallrec
     deep = deep.model_copy(update={"score": deep.score.model_copy(
         update={"prompt": deep.score.prompt.model_copy(update={"recent_items": 30})})})
     with pytest.raises(ConfigError, match="recent_items.*30.*min_history"):
-        score(deep)
+        score(deep.score, deep.context(), trained=deep.train.enabled)
     # An unknown model names itself.
     with pytest.raises(ConfigError, match="no-such-model"):
-        score(tiny_experiment(tmp_path, tiny_model, "score.engine.model=no-such-model",
-                              "train.enabled=false").for_variant("tallrec"))
+        unknown = tiny_experiment(tmp_path, tiny_model, "score.engine.model=no-such-model").for_variant("tallrec")
+        score(unknown.score, unknown.context(), trained=False)
     # A variant whose summaries are not produced.
     with pytest.raises(Exception, match="reads recurrent summaries but summarize.modes"):
         tiny_experiment(tmp_path, tiny_model, "summarize.modes=[hierarchical]")

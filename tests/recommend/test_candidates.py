@@ -4,7 +4,8 @@ tests/pipeline/test_production.py)."""
 import pyarrow as pa
 import pytest
 
-from trsr.recommend.candidates import GROUP_ROWS, CandidateRows, GroupUser, RankCandidates
+from trsr.recommend.candidate_groups import GROUP_ROWS, CandidateRows, GroupUser
+from trsr.recommend.candidates import RankCandidates
 from trsr.schema import CANDIDATE_SCORES, ITEMS
 
 
@@ -53,14 +54,14 @@ def test_group_user_keeps_known_distinct_candidates_and_says_why_for_the_rest(tm
 
 
 def test_rank_candidates_ranks_within_each_user_and_keeps_top_k():
-    from trsr.recommend.score import STAGE_OUTPUT
+    from trsr.schema import SCORES_WITH_DIAGNOSTICS
 
     rows = [
         {"user_id": u, "candidate": c, "score": s, "method": "m", "summary_status": "ok", "logp_yes": -1.0, "logp_no": -1.0,
          "list_id": u, "split": "candidates", "label": 0, "position": 0}
         for u, c, s in [("u2", "x", 0.1), ("u1", "b", 0.5), ("u1", "a", 0.5), ("u1", "c", 0.9), ("u2", "y", 0.7)]
     ]
-    batch = pa.Table.from_pylist(rows, schema=STAGE_OUTPUT)
+    batch = pa.Table.from_pylist(rows, schema=SCORES_WITH_DIAGNOSTICS)
     ranked = RankCandidates(None)(batch)
     assert ranked.schema.equals(CANDIDATE_SCORES)
     got = list(zip(ranked.column("user_id").to_pylist(), ranked.column("item_id").to_pylist(), ranked.column("rank").to_pylist()))

@@ -5,7 +5,7 @@ import copy
 import pytest
 
 from trsr.errors import ConfigError
-from trsr.llm.chat import load_tokenizer, render_chat, user_message
+from trsr.llm.chat import render_chat, user_message
 from trsr.llm.engine import PromptTooLongError
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.prompt import (
@@ -13,9 +13,9 @@ from trsr.recommend.prompt import (
     ITEMS_HEADER,
     SUMMARY_HEADER,
     PromptBuilder,
-    RecommendPromptConfig,
-    encode,
 )
+from trsr.llm.tokenizer import encode_prompt, load_tokenizer
+from trsr.recommend.config import RecommendPromptConfig
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_parts_in_order_and_prefix_plus_suffix_is_the_rendered_prompt(tokenizer)
     assert order == sorted(order)
     assert "w2x0" not in text  # only K=3 items
     assert prompt.prefix.endswith(CANDIDATE_HEADER + "\n")
-    assert prompt.tokens == [len(encode(tokenizer, prompt.prefix + s)) for s in prompt.suffixes]
+    assert prompt.tokens == [len(encode_prompt(tokenizer, prompt.prefix + s)) for s in prompt.suffixes]
     # Training text: prompt + answer + the template's end of turn.
     train = b.training_text(SUMMARY, history, item(100), 1)
     assert train == prompt.prefix + prompt.suffixes[0] + "Yes<|im_end|>\n"
@@ -110,7 +110,7 @@ def test_guard_never_cuts_candidate_or_answer_marker(tokenizer):
     assert prompt.summary_words_cut > 0
     train = b.training_text(summary, history, candidate, 1)
     assert train.endswith("assistant\nYes<|im_end|>\n")
-    assert len(encode(tokenizer, train)) <= 400
+    assert len(encode_prompt(tokenizer, train)) <= 400
     # Every candidate of a list shares the fitted prefix and fits.
     candidates = [item(900 + n, words=5 + 4 * n) for n in range(5)]
     prompt = b.fit(summary, history, candidates)
@@ -221,8 +221,8 @@ def test_yes_no_token_ids_come_from_the_tokenizer(tokenizer):
     assert b.yes_id != b.no_id
     # The answer after the assistant header is exactly that one token.
     head, tail = b.full(SUMMARY, [], item(1))
-    ids = encode(tokenizer, head + tail + "Yes")
-    assert ids[-1] == b.yes_id and ids[:-1] == encode(tokenizer, head + tail)
+    ids = encode_prompt(tokenizer, head + tail + "Yes")
+    assert ids[-1] == b.yes_id and ids[:-1] == encode_prompt(tokenizer, head + tail)
     other = builder(tokenizer, yes="yes", no="no")
     assert other.yes_id == tokenizer.convert_tokens_to_ids("yes") != b.yes_id
     with pytest.raises(ConfigError, match="exactly one token"):

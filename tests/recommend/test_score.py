@@ -9,13 +9,11 @@ import pytest
 from trsr.schema import SCORES, conform
 from trsr.llm.engine import EngineConfig
 from trsr.recommend.config import ScoreConfig
-from trsr.recommend.prompt import SUMMARY_HEADER, encode
+from trsr.llm.tokenizer import encode_prompt
+from trsr.recommend.prompt import SUMMARY_HEADER
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems
-from trsr.recommend.score import (
-    STAGE_OUTPUT,
-    ScoreStage,
-    p_yes,
-)
+from trsr.recommend.score import ScoreStage, p_yes
+from trsr.schema import SCORES_WITH_DIAGNOSTICS
 
 
 def item(n, words=5):
@@ -78,7 +76,7 @@ def test_shared_prefix_scores_equal_independent_full_prompts(tiny_model, hf_engi
         ]
     )
     out = stage(batch)
-    assert out.schema.equals(STAGE_OUTPUT)
+    assert out.schema.equals(SCORES_WITH_DIAGNOSTICS)
     assert len(engine.calls) == 1 and len(engine.calls[0]) == 3  # one request per list
     assert out.num_rows == 9
     assert out.column("candidate").to_pylist() == ["N10", "N11", "N12", "N13", "N20", "N21", "N22", "N30", "N31"]
@@ -91,7 +89,7 @@ def test_shared_prefix_scores_equal_independent_full_prompts(tiny_model, hf_engi
     k = 0
     for prefix, suffixes in engine.calls[0]:
         for suffix in suffixes:
-            ids = encode(tokenizer, prefix + suffix)
+            ids = encode_prompt(tokenizer, prefix + suffix)
             assert ids == hf_engine.encode(prefix + suffix)
             with torch.inference_mode():
                 logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
@@ -222,7 +220,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
         "train.enabled=false",  # the base (tiny) model scores
     ]
     experiment = load(ExperimentConfig, None, [*overrides, "score.prompt.max_missing_summary_share=0.5"])
-    prepare(experiment)
+    prepare(experiment.prepare, experiment.context())
     run_dir = str(tmp_path / "run")
     samples = load_samples(run_dir, "test")
     users = sorted(set(samples.column("user_id").to_pylist()))
@@ -256,10 +254,11 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
 
     n_test = len(users)
     with pytest.raises(DataError, match=rf"2 of {n_test} lists .* no usable hierarchical summary \(empty 1, missing 1\).*max_missing_summary_share=0.1"):
-        score(load(ExperimentConfig, None, overrides), "test")
+        strict = load(ExperimentConfig, None, overrides)
+        score(strict.score, strict.context(), "test", trained=strict.train.enabled)
     assert not run.scores("llm-trsr-hierarchical", "test").data_files()
 
-    stats = score(experiment, "test")["test"]
+    stats = score(experiment.score, experiment.context(), "test", trained=experiment.train.enabled)["test"]
     table = read_scores(run_dir, "llm-trsr-hierarchical", "test")
     assert table.schema.equals(SCORES)
     poisoned = f"test:{users[2]}"
@@ -284,7 +283,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     assert rejects.column("raw").to_pylist() == [poisoned] and rejects.column("user_id").to_pylist() == [users[2]]
     assert "'N-unknown' is not in the catalogue" in rejects.column("reason")[0].as_py()
     # Up to date: a second call skips.
-    assert score(experiment, "test")["test"]["skipped"] is True
+    assert score(experiment.score, experiment.context(), "test", trained=experiment.train.enabled)["test"]["skipped"] is True
 
     # missing_summary=reject: the two lists without a usable summary are not scored;
     # they are in the rejects with their status, beside the poisoned list.
@@ -292,7 +291,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
         ExperimentConfig, None,
         [*overrides, "score.prompt.max_missing_summary_share=0.5", "score.prompt.missing_summary=reject", "score.method=rejecting"],
     )
-    stats = score(rejecting, "test")["test"]
+    stats = score(rejecting.score, rejecting.context(), "test", trained=rejecting.train.enabled)["test"]
     table = read_scores(run_dir, "rejecting", "test")
     no_summary = {f"test:{users[0]}", f"test:{users[1]}"}
     assert sorted(set(table.column("list_id").to_pylist())) == sorted(set(lists) - no_summary)
@@ -309,7 +308,7 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     from trsr.recommend.sft import texts_job
     from trsr.runner import run_stage
 
-    texts = run_stage(texts_job(rejecting, tiny_model), rejecting.runner)
+    texts = run_stage(texts_job(rejecting.train, rejecting.score, rejecting.context().run, tiny_model), rejecting.runner)
     train_lists = storage.read_parquet(run.lists("train")).num_rows
     assert texts["rows_in"] == train_lists and texts["rows_declined"] == 1 and texts["rows_failed"] == 0
     assert texts["lists"] == train_lists - 1 and texts["summary_status"] == {"ok": train_lists - 1}

@@ -16,16 +16,12 @@ from trsr.recommend.train import train_lora
 from trsr.recommend.train_loop import lr_factor, planned_steps
 from trsr.recommend.train_data import (
     IGNORE_INDEX,
-    StepFiller,
-    collate,
     encode_examples,
-    micro_batches,
     normalize_examples,
     pack_group,
     tokenize_example,
-    weighted_loss,
-    weighted_loss_sum,
 )
+from trsr.recommend.train_steps import StepFiller, collate, micro_batches, weighted_loss, weighted_loss_sum
 
 NOUNS = ["apple", "car", "shirt", "lamp", "book", "chair", "phone", "hat", "cup", "desk"]
 

@@ -36,7 +36,7 @@ def experiment(run_dir, data_dir, *overrides):
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("summarize-job")
     base = experiment(root / "run", root / "data")
-    prepare(base)
+    prepare(base.prepare, base.context())
     return root
 
 
@@ -68,7 +68,7 @@ def summarized(table):
 def test_per_step_job_on_transformers_accounts_for_every_user(prepared, tiny_model, ray_local):
     link_prepared(prepared, "hf")
     config = tiny(prepared, tiny_model, "hf", "summarize.execution=per_step")
-    stats = summarize(config)
+    stats = summarize(config.summarize, config.context())
     lists = sum(storage_rows(str(prepared / "hf" / "prepared" / "lists" / f"{s}.parquet")) for s in ("train", "valid", "test"))
     for mode in ("hierarchical", "recurrent"):
         everyone = read_summaries(str(prepared / "hf"), mode)
@@ -98,7 +98,7 @@ def test_per_step_job_on_transformers_accounts_for_every_user(prepared, tiny_mod
     test_users = set(load_samples(str(prepared / "hf"), "test").column("user_id").to_pylist())
     assert test_users and test_users <= set(table.column("user_id").to_pylist())
     # Up to date: a second call skips.
-    assert summarize(config)["skipped"] is True
+    assert summarize(config.summarize, config.context())["skipped"] is True
 
 
 def test_vllm_fused_job_matches_transformers(prepared, tiny_model, ray_local):
@@ -111,7 +111,7 @@ def test_vllm_fused_job_matches_transformers(prepared, tiny_model, ray_local):
         "summarize.execution=fused",
         "summarize.modes=[hierarchical]",
     )
-    summarize(config)
+    summarize(config.summarize, config.context())
     vllm = summarized(read_summaries(str(prepared / "vllm"), "hierarchical"))
     hf = summarized(read_summaries(str(prepared / "hf"), "hierarchical"))
     assert vllm.column("user_id").to_pylist() == hf.column("user_id").to_pylist()
@@ -130,7 +130,7 @@ def test_default_model_writes_readable_summaries(prepared, ray_local):
         "summarize.items_per_block=6",
         "summarize.generation.max_new_tokens=40",
     )
-    stats = summarize(config)
+    stats = summarize(config.summarize, config.context())
     for mode in ("hierarchical", "recurrent"):
         table = summarized(read_summaries(str(prepared / "smol"), mode))
         assert table.num_rows == 3
@@ -152,7 +152,7 @@ def test_asking_for_gpus_the_cluster_lacks_fails_fast(prepared, tiny_model, ray_
     started = time.perf_counter()
     # per_step: every level's stage holds its own GPU actor, all of them at once.
     with pytest.raises(ConfigError, match=r"SummarizeStage 1 x 1 GPU \+ SummarizeStage 1 x 1 GPU.*needs \d GPU\(s\) but the Ray cluster has 0"):
-        summarize(config)
+        summarize(config.summarize, config.context())
     assert time.perf_counter() - started < 30
 
 

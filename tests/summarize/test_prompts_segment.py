@@ -2,7 +2,8 @@ import pytest
 
 from trsr.errors import ConfigError
 from trsr.summarize.checks import _grams, _words, check_generation, end_on_sentence, instruction_grams, trim_to_sentence
-from trsr.summarize.prompts import DOMAINS, load_prompts
+from trsr.domains import DOMAINS
+from trsr.summarize.prompts import load_prompts
 from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
 from trsr.summarize.stages import steps_needed
 

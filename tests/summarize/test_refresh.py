@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trsr.summarize.stages import HIERARCHICAL, RECURRENT, reusable, window_start
+from trsr.summarize.render import reusable, window_start
+from trsr.summarize.state import HIERARCHICAL, RECURRENT
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "own-data"
 
@@ -104,8 +105,9 @@ def test_update_recomputes_only_changed_users_and_equals_a_fresh_run(tmp_path, t
         )
 
     run = tmp_path / "run"
-    prepare(experiment(run))
-    first = summarize(experiment(run))["modes"]
+    exp = experiment(run)
+    prepare(exp.prepare, exp.context())
+    first = summarize(exp.summarize, exp.context())["modes"]
     before = {mode: read_summaries(str(run), mode, users="all").to_pylist() for mode in ("hierarchical", "recurrent")}
 
     # New interactions: 1, 2, 4 and 9 new items for four users (the last block partial
@@ -115,12 +117,13 @@ def test_update_recomputes_only_changed_users_and_equals_a_fresh_run(tmp_path, t
     extra = [(user, items[(7 * n + k) % len(items)], stamp % k) for n, (user, count) in enumerate(changed.items()) for k in range(count)]
     extra += [("U-new", items[k], stamp % k) for k in range(6)]
     write_interactions(data / "interactions.csv", rows + extra)
-    prepare(experiment(run))
-    stats = summarize(experiment(run), update=True)["modes"]
+    prepare(exp.prepare, exp.context())
+    stats = summarize(exp.summarize, exp.context(), update=True)["modes"]
 
     fresh_run = tmp_path / "fresh"
-    prepare(experiment(fresh_run))
-    fresh = summarize(experiment(fresh_run))["modes"]
+    fresh_exp = experiment(fresh_run)
+    prepare(fresh_exp.prepare, fresh_exp.context())
+    fresh = summarize(fresh_exp.summarize, fresh_exp.context())["modes"]
     for mode in ("hierarchical", "recurrent"):
         s = stats[mode]
         assert s["update"] is True
@@ -143,4 +146,4 @@ def test_update_recomputes_only_changed_users_and_equals_a_fresh_run(tmp_path, t
         assert first[mode]["refresh"] == {"new": len(users)}
     # The earlier rows and the update's input are gone; a second update is up to date.
     assert not storage.exists(str(run / "user_summaries" / "hierarchical.previous"))
-    assert summarize(experiment(run), update=True)["skipped"] is True
+    assert summarize(exp.summarize, exp.context(), update=True)["skipped"] is True

@@ -78,14 +78,14 @@ def test_killed_summarize_resumes_without_recomputing_and_equals_an_uninterrupte
 ):
     # The uninterrupted reference.
     reference = load(ExperimentConfig, None, overrides(tmp_path / "ref", tmp_path / "data", tiny_model))
-    prepare(reference)
-    expected = summarize(reference)["modes"]["recurrent"]
+    prepare(reference.prepare, reference.context())
+    expected = summarize(reference.summarize, reference.context())["modes"]["recurrent"]
     assert expected["rows_computed"] == expected["rows_in"] > 20
 
     # The same job as a command, its process group killed after a few committed blocks.
     args = overrides(tmp_path / "run", tmp_path / "data", tiny_model)
     experiment = load(ExperimentConfig, None, args)
-    prepare(experiment)
+    prepare(experiment.prepare, experiment.context())
     folder = RunFolder(experiment.run_dir).summaries("recurrent")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(experiment.model_dump(mode="json")))
@@ -130,7 +130,7 @@ def test_killed_summarize_resumes_without_recomputing_and_equals_an_uninterrupte
 
     killer = threading.Thread(target=kill_an_engine_actor)
     killer.start()
-    stats = summarize(experiment)["modes"]["recurrent"]
+    stats = summarize(experiment.summarize, experiment.context())["modes"]["recurrent"]
     killer.join()
 
     assert stats["resumed"] is True and stats["rows_reused"] > 0

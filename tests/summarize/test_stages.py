@@ -6,14 +6,9 @@ import pytest
 from trsr.schema import LISTS, SUMMARIES
 from trsr.llm.engine import EngineConfig
 from trsr.summarize.config import GenerationConfig, SummarizeConfig
-from trsr.summarize.stages import (
-    MISSING,
-    PROMPT_TOO_LONG,
-    Finalize,
-    RenderBlocks,
-    SummarizeStage,
-    steps_needed,
-)
+from trsr.summarize.render import RenderBlocks
+from trsr.summarize.stages import Finalize, SummarizeStage, steps_needed
+from trsr.summarize.state import MISSING, PROMPT_TOO_LONG
 
 ITEMS = {
     f"n{k}": [

@@ -23,8 +23,9 @@ from trsr.errors import TrsrError
 
 
 @dataclass
-class Lists:
-    """Ranking lists of one split, as arrays (C = the longest list; padding index 0)."""
+class IndexedLists:
+    """The ranking lists of one split (trsr.recommend.lists) as item-index arrays for the
+    baselines' tensors (C = the longest list; padding index 0)."""
 
     split: str
     history: np.ndarray  # int64 [L, H]
@@ -46,10 +47,10 @@ class BaselineData:
     item_ids: list[str]  # index i + 1 -> item id
     embeddings: np.ndarray | None  # float32 [n + 1, D], row 0 zeros; None for simple models
     max_history: int
-    train_lists: Lists
+    train_lists: IndexedLists
     # Training users' full sequences (history + positive), item indices, oldest first.
     train_sequences: list[np.ndarray]
-    eval: dict[str, Lists] = field(default_factory=dict)
+    eval: dict[str, IndexedLists] = field(default_factory=dict)
 
     @property
     def n_items(self) -> int:
@@ -78,8 +79,8 @@ def _pad(sequences: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray
     return out, lengths
 
 
-def build_lists(samples: pa.Table, index: dict[str, int], max_history: int, where: str) -> Lists:
-    """SAMPLES rows of one split -> Lists (candidates ordered by `position`)."""
+def index_lists(samples: pa.Table, index: dict[str, int], max_history: int, where: str) -> IndexedLists:
+    """SAMPLES rows of one split -> IndexedLists (candidates ordered by `position`)."""
     samples = samples.sort_by([("list_id", "ascending"), ("position", "ascending")])
     list_ids = samples.column("list_id").to_pylist()
     candidates = samples.column("candidate").to_pylist()
@@ -117,7 +118,7 @@ def build_lists(samples: pa.Table, index: dict[str, int], max_history: int, wher
         raise TrsrError(f"{where}: list(s) without a positive candidate, e.g. {bad}")
     history, lengths = _pad(list_histories, max_history)
     rows = samples.select(["list_id", "split", "user_id", "candidate", "label"])
-    return Lists(
+    return IndexedLists(
         split=samples.column("split")[0].as_py() if samples.num_rows else "",
         history=history,
         lengths=lengths,
@@ -150,7 +151,7 @@ def load_data(
     train = run_dir_samples["train"]
     if train.num_rows == 0:
         raise TrsrError("the training split is empty; nothing to train baselines on")
-    train_lists = build_lists(train, index, max_history, "samples/train")
+    train_lists = index_lists(train, index, max_history, "samples/train")
     data = BaselineData(
         item_ids=item_ids,
         embeddings=embeddings,
@@ -159,7 +160,7 @@ def load_data(
         train_sequences=train_sequences(train, index),
     )
     for split in splits:
-        data.eval[split] = build_lists(run_dir_samples[split], index, max_history, f"samples/{split}")
+        data.eval[split] = index_lists(run_dir_samples[split], index, max_history, f"samples/{split}")
     return data
 
 

@@ -29,18 +29,17 @@ import pyarrow.compute as pc
 from trsr import storage
 from trsr.baselines.config import EncoderConfig
 from trsr.config import fingerprint
-from trsr.schema import SPLITS
+from trsr.schema import EMBEDDINGS, SPLITS
 from trsr.data.text import render_item
 from trsr.errors import TrsrError
 from trsr.runs import LAYOUT, RunFolder
 
 if TYPE_CHECKING:
-    from trsr.experiment import ExperimentConfig
+    from trsr.runner import RunContext
 
 log = logging.getLogger(__name__)
 STAGE = "embeddings"
 TEXTS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)])
-EMBEDDINGS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("embedding", pa.list_(pa.float32()))])
 
 
 def encoder_name(ref: str) -> str:
@@ -76,16 +75,17 @@ class EncodeStage:
 
     def __init__(self, config: EncoderConfig):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         from trsr.llm.models import resolve
+        from trsr.llm.tokenizer import load_tokenizer
 
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         folder = resolve(config.model)
         self.config = config
         self.device = "cuda" if config.num_gpus > 0 else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tokenizer = load_tokenizer(folder)
         self.model = AutoModel.from_pretrained(folder).to(self.device).eval()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -134,14 +134,14 @@ def _fingerprint(config: EncoderConfig, run: RunFolder) -> str:
     return fingerprint(settings, prepared, LAYOUT)
 
 
-def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, force: bool = False) -> dict:
+def compute_embeddings(config: EncoderConfig, context: RunContext, force: bool = False) -> dict:
     """Encode the catalogue into <run_dir>/embeddings/<encoder>/ (or reuse it).
 
     Returns {"path", "fingerprint", "items", "dim", "seconds", "items_per_s", "skipped"}.
     """
     from trsr.runner import Step, StageJob, run_stage
 
-    run = RunFolder(experiment.run_dir)
+    run = context.run
     key = _fingerprint(config, run)
     folder = embeddings_folder(run.root, config.model)
     where = []
@@ -166,7 +166,7 @@ def compute_embeddings(experiment: "ExperimentConfig", config: EncoderConfig, fo
         block_stats=lambda table: {"max:dim": len(table.column("embedding")[0]) if table.num_rows else 0},
         details={"encoder": config.model},
     )
-    stats = run_stage(job, experiment.runner, force=force)
+    stats = run_stage(job, context.runner, force=force)
     if stats["rows_in"] == 0:
         raise TrsrError(f"{run.items()}: no items to encode")
     info = {

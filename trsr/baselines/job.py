@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,18 +29,11 @@ from trsr.baselines.data import BaselineData, load_data
 from trsr.config import fingerprint
 from trsr.schema import SCORES, conform
 from trsr.errors import ConfigError
+from trsr.runner import RunContext
 from trsr.runs import RunFolder
 
-if TYPE_CHECKING:
-    from trsr.experiment import ExperimentConfig
-
 log = logging.getLogger(__name__)
-STAGE = "scores"
 METRICS_SHOWN = ("recall@3", "recall@5", "recall@10", "mrr@3", "mrr@5", "mrr@10", "auc")
-
-
-def method_dir(run_dir: str, method: str) -> str:
-    return storage.join(RunFolder(run_dir).stage_dir(STAGE), method)
 
 
 def scores_path(run_dir: str, method: str, split: str) -> str:
@@ -84,7 +77,7 @@ def _fit_and_score(model: str, config: BaselinesConfig, seed: int, data: Baselin
     }
 
 
-def check_complete(scores: pa.Table, samples: pa.Table, where: str) -> None:
+def check_every_sample_scored(scores: pa.Table, samples: pa.Table, where: str) -> None:
     """Every sample row scored exactly once, with a finite score."""
     key = ("list_id", "candidate", "label")
     expected = Counter(zip(*(samples.column(k).to_pylist() for k in key)))
@@ -100,7 +93,7 @@ def check_complete(scores: pa.Table, samples: pa.Table, where: str) -> None:
         raise AssertionError(f"{where}: {int((~np.isfinite(values)).sum())} non-finite score(s)")
 
 
-def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: BaselinesConfig | None = None) -> dict:
+def run_baselines(config: BaselinesConfig, context: RunContext, force: bool = False) -> dict:
     """Train and score `baselines.models`; return {method: stats} (skipped ones too).
 
     A model whose config, seed and inputs are unchanged since its last run is skipped
@@ -112,11 +105,8 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
     from trsr.baselines.embeddings import compute_embeddings, load_embeddings
     from trsr.ray_utils import init_ray, require_resources
 
-    config = config if config is not None else getattr(experiment, "baselines", None)
-    if not isinstance(config, BaselinesConfig):
-        raise ConfigError("the experiment config has no `baselines` section (BaselinesConfig)")
-    seed = config.seed if config.seed is not None else experiment.seed
-    run = RunFolder(experiment.run_dir)
+    seed = config.seed if config.seed is not None else context.seed
+    run = context.run
     prepared = run.prepared_fingerprint()
     neural = [m for m in config.models if m in NEURAL_MODELS]
     embeddings_key = embeddings_fingerprint(config.encoder, run) if neural else None
@@ -126,7 +116,7 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
     for model in config.models:
         method = config.method(model)
         key = model_fingerprint(config, model, seed, prepared, embeddings_key if model in NEURAL_MODELS else None)
-        stats_path = storage.join(method_dir(run.root, method), "stats.json")
+        stats_path = storage.join(run.method_scores(method), "stats.json")
         if not force and storage.exists(stats_path) and all(run.scores(method, s).is_complete(key) for s in config.splits):
             result[method] = dict(storage.read_json(stats_path), skipped=True)
             continue
@@ -140,7 +130,7 @@ def run_baselines(experiment: "ExperimentConfig", force: bool = False, config: B
     )
     embedding_info = None
     if any(m in NEURAL_MODELS for m in todo):
-        embedding_info = compute_embeddings(experiment, config.encoder)
+        embedding_info = compute_embeddings(config.encoder, context)
         catalogue = storage.read_parquet(run.items(), columns=["item_id"]).column("item_id").to_pylist()
         item_ids, matrix = load_embeddings(embedding_info["path"], order=catalogue)
         matrix = np.concatenate([np.zeros((1, matrix.shape[1]), dtype=np.float32), matrix])
@@ -179,7 +169,7 @@ def _write(
     samples: dict[str, pa.Table],
     embedding_info: dict | None,
 ) -> dict:
-    folder = method_dir(run_dir, method)
+    folder = RunFolder(run_dir).method_scores(method)
     stats: dict[str, Any] = {
         "method": method,
         "model": out["model"],
@@ -198,7 +188,7 @@ def _write(
         table = rows.append_column("score", pa.array(out["scores"][split], pa.float64())).append_column(
             "method", pa.array([method] * rows.num_rows, pa.string())
         )
-        check_complete(table, samples[split], path)
+        check_every_sample_scored(table, samples[split], path)
         storage.write_parquet(conform(table, SCORES, path), path)
         metrics = out["metrics"][split]
         stats[split] = {

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from trsr.baselines.config import NEURAL_MODELS, BaselinesConfig
-from trsr.baselines.data import BaselineData, Lists, NegativeSampler, prefix_examples
+from trsr.baselines.data import BaselineData, IndexedLists, NegativeSampler, prefix_examples
 from trsr.baselines.models import build_model
 from trsr.evaluate.metrics import ranking_metrics
 from trsr.data.protocol import stable_hash
@@ -94,7 +94,7 @@ def model_seed(seed: int, name: str) -> int:
     return derive_seed(seed, "baseline", name)
 
 
-def score_lists(model: torch.nn.Module, lists: Lists, device: str) -> np.ndarray:
+def score_lists(model: torch.nn.Module, lists: IndexedLists, device: str) -> np.ndarray:
     """Scores [L, C] of every candidate slot (padding slots get garbage; never read)."""
     model.eval()
     width = max(1, lists.candidates.shape[1])
@@ -112,12 +112,12 @@ def score_lists(model: torch.nn.Module, lists: Lists, device: str) -> np.ndarray
     return out
 
 
-def row_scores(lists: Lists, matrix: np.ndarray) -> np.ndarray:
+def row_scores(lists: IndexedLists, matrix: np.ndarray) -> np.ndarray:
     """[L, C] scores -> one score per candidate row of `lists.rows`."""
     return matrix[lists.row_list, lists.row_slot]
 
 
-def evaluate(lists: Lists, scores: np.ndarray, seed: int) -> dict[str, float]:
+def evaluate(lists: IndexedLists, scores: np.ndarray, seed: int) -> dict[str, float]:
     return ranking_metrics(
         lists.rows.column("list_id"), lists.rows.column("label"), scores, seed=seed
     )
@@ -195,7 +195,7 @@ def train_model(name: str, data: BaselineData, config: BaselinesConfig, seed: in
     return model, stats
 
 
-def simple_scores(name: str, data: BaselineData, lists: Lists, seed: int) -> np.ndarray:
+def simple_scores(name: str, data: BaselineData, lists: IndexedLists, seed: int) -> np.ndarray:
     """Popularity (training-split interactions of the candidate) or seeded random scores,
     one per candidate row."""
     if name == "popularity":

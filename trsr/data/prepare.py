@@ -15,13 +15,14 @@ import pyarrow as pa
 
 from trsr import storage
 from trsr.config import fingerprint
-from trsr.experiment import ExperimentConfig
+from trsr.data.config import PrepareConfig
 from trsr.data import protocol
 from trsr.data.converters import convert
 from trsr.data.rejects import Rejects
 from trsr.schema import SPLITS
 from trsr.errors import DataError
 from trsr.data.stats import format_accounting, format_table1, table1
+from trsr.runner import RunContext
 from trsr.runs import LAYOUT, RunFolder, inputs_signature
 
 log = logging.getLogger(__name__)
@@ -31,14 +32,12 @@ STAGE = "prepared"
 LISTS_ROW_GROUP = 4096
 
 
-def stage_fingerprint(experiment: ExperimentConfig) -> str:
-    config = experiment.prepare
-    return fingerprint(config, experiment.seed, inputs_signature(config.source.path), LAYOUT)
+def stage_fingerprint(config: PrepareConfig, seed: int) -> str:
+    return fingerprint(config, seed, inputs_signature(config.source.path), LAYOUT)
 
 
-def ensure_synthetic(experiment: ExperimentConfig) -> None:
+def ensure_synthetic(config: PrepareConfig) -> None:
     """Generate the synthetic MIND-format source when configured and absent."""
-    config = experiment.prepare
     if config.synthetic is None:
         return
     if config.source.format != "mind":
@@ -53,15 +52,14 @@ def ensure_synthetic(experiment: ExperimentConfig) -> None:
     generate_mind(config.synthetic, folder)
 
 
-def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
+def prepare(config: PrepareConfig, context: RunContext, force: bool = False) -> dict:
     """Run the prepare stage into `<run_dir>/prepared`; return its stats.
 
     Skipped (stats read back) when a previous run had the same config and inputs.
     """
-    run = RunFolder(experiment.run_dir)
-    config = experiment.prepare
-    ensure_synthetic(experiment)
-    key = stage_fingerprint(experiment)
+    run = context.run
+    ensure_synthetic(config)
+    key = stage_fingerprint(config, context.seed)
     if not force and run.prepared_stage.is_complete(key):
         log.info("prepare: outputs in %s are up to date; skipping", run.prepared)
         stats = run.prepared_stage.stats()
@@ -78,7 +76,7 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
         converted.sequences,
         converted.items.column("item_id"),
         config.protocol,
-        experiment.seed,
+        context.seed,
         rejects,
     )
 
@@ -96,8 +94,10 @@ def prepare(experiment: ExperimentConfig, force: bool = False) -> dict:
     counts["users_out"] = converted.sequences.num_rows
     stats = {
         "source": config.source.model_dump(mode="json"),
-        "seed": experiment.seed,
-        "table1": table1(converted.items, result.samples, config.stats_tokenizer, experiment.seed),
+        "seed": context.seed,
+        # What later stages check their settings against (RunFolder.prepared_min_history).
+        "protocol": config.protocol.model_dump(mode="json"),
+        "table1": table1(converted.items, result.samples, config.stats_tokenizer, context.seed),
         "accounting": {
             "convert": counts,
             "protocol": {

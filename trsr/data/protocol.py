@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from trsr.config import ProtocolConfig
+from trsr.data.config import ProtocolConfig
 from trsr.data.rejects import Rejects
 from trsr.schema import LISTS, SAMPLES, SPLITS
 

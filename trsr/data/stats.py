@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 
 from trsr.schema import SPLITS
 from trsr.data.text import render_item
-from trsr.llm.models import token_counter
+from trsr.llm.tokenizer import token_counter
 
 MAX_ITEMS_FOR_TOKENS = 5000  # tokens/item is a mean: a seeded sample is enough
 

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr import storage
-from trsr.config import SyntheticConfig
+from trsr.data.config import SyntheticConfig
 from trsr.errors import ConfigError
 
 BEHAVIORS = "behaviors.tsv"

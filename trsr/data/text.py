@@ -13,6 +13,11 @@ from typing import Iterable, Mapping
 
 _WHITESPACE = re.compile(r"\s+")
 ELLIPSIS = "..."
+# How every length guard shortens item texts (summarizer blocks, recommender prompts):
+# all attribute caps scaled down together, each round keeping SHRINK of the previous
+# caps, none below MIN_CHARS.
+SHRINK = 0.6
+MIN_CHARS = 24
 
 
 def clean(value: str) -> str:
@@ -44,3 +49,11 @@ def render_item(
         limit = (max_chars or {}).get(attribute["name"])
         parts.append(f"{attribute['name']}: {shorten(value, limit)}")
     return separator.join(parts)
+
+
+def scaled_caps(
+    names, default_chars: int, per_attribute: Mapping[str, int], scale: float, min_chars: int = MIN_CHARS
+) -> dict[str, int]:
+    """Per-attribute character caps (per_attribute, else default_chars) times `scale`,
+    never below `min_chars`: the shrink rule of every length guard."""
+    return {name: max(min_chars, int(per_attribute.get(name, default_chars) * scale)) for name in names}

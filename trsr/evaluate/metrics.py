@@ -5,7 +5,7 @@ and its negatives, but any number of positives >= 1 and any list size is accepte
 row carries a binary `label` and a model `score`; a list is ranked by descending score.
 
     per_list = per_list_metrics(scores["list_id"], scores["label"], scores["score"])
-    summary = summarize(per_list)            # {"recall@3": ..., "auc": ..., "lists": ...}
+    summary = mean_metrics(per_list)          # {"recall@3": ..., "auc": ..., "lists": ...}
     low, high = bootstrap_ci(per_list["recall@3"])
     chance_level(21, 3)                      # {"recall@3": 0.143, "mrr@3": 0.087, ...}
 
@@ -48,7 +48,7 @@ __all__ = [
     "DEFAULT_KS",
     "TIES",
     "per_list_metrics",
-    "summarize",
+    "mean_metrics",
     "ranking_metrics",
     "bootstrap_ci",
     "chance_level",
@@ -291,7 +291,7 @@ def _rank_order(
     return order, run_first, run_last
 
 
-def summarize(per_list: dict[str, np.ndarray]) -> dict[str, float]:
+def mean_metrics(per_list: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean of every metric over lists, plus counts.
 
     Returns {"recall@K": mean, ..., "auc": mean over lists that have a negative,
@@ -321,8 +321,8 @@ def ranking_metrics(
     ties: str = "random",
     seed: int = 0,
 ) -> dict[str, float]:
-    """`summarize(per_list_metrics(...))`: the mean metrics and list counts in one call."""
-    return summarize(per_list_metrics(list_ids, labels, scores, ks=ks, ties=ties, seed=seed))
+    """`mean_metrics(per_list_metrics(...))`: the mean metrics and list counts in one call."""
+    return mean_metrics(per_list_metrics(list_ids, labels, scores, ks=ks, ties=ties, seed=seed))
 
 
 # ------------------------------------------------------------------ uncertainty, chance
@@ -366,7 +366,7 @@ def chance_level(list_size: int, k: int) -> dict[str, float]:
     """Expected Recall@K, MRR@K and NDCG@K of a uniformly random ranking of
     `list_size` candidates with one positive (the positive's rank is uniform).
 
-    Keys match `summarize`: {"recall@K", "mrr@K", "ndcg@K"}. E.g. 21 candidates, K=3:
+    Keys match `mean_metrics`: {"recall@K", "mrr@K", "ndcg@K"}. E.g. 21 candidates, K=3:
     recall 3/21 = 0.143, mrr (1 + 1/2 + 1/3)/21 = 0.087. The expected AUC is 0.5.
     """
     for name, value in (("list_size", list_size), ("k", k)):

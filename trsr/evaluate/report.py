@@ -16,56 +16,26 @@ from __future__ import annotations
 import io
 import logging
 import math
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
 
 from trsr import storage
-from trsr.config import Section
 from trsr.schema import SCORES, SPLITS
 from trsr.errors import TrsrError
-from trsr.evaluate.metrics import bootstrap_ci, chance_level, per_list_metrics, summarize
+from trsr.evaluate.config import EvaluateConfig
+from trsr.evaluate.metrics import bootstrap_ci, chance_level, mean_metrics, per_list_metrics
 from trsr.schema import SUMMARY_UNUSED as UNUSED
 from trsr.schema import lists_without_summary as count_without
+from trsr.runner import RunContext
 from trsr.runs import RunFolder
 
-if TYPE_CHECKING:
-    from trsr.experiment import ExperimentConfig
-
 log = logging.getLogger(__name__)
-SCORES_STAGE = "scores"
-REPORT_STAGE = "report"
-
-
-class EvaluateConfig(Section):
-    """Section `evaluate` of an experiment."""
-
-    split: Literal["valid", "test"] = "test"
-    ks: list[int] = [3, 5, 10]
-    # How tied scores are ordered (see trsr.evaluate.metrics): random (seeded), pessimistic, optimistic.
-    ties: Literal["random", "pessimistic", "optimistic"] = "random"
-    # Bootstrap resamples of the lists for the intervals, and their confidence.
-    bootstrap: int = Field(1000, ge=1)
-    confidence: float = Field(0.95, gt=0, lt=1)
-    # Methods (folders under scores/) in the table; null = every method found.
-    methods: list[str] | None = None
-    # Also draw report/<split>.png.
-    chart: bool = True
-
-    @model_validator(mode="after")
-    def _check(self) -> "EvaluateConfig":
-        if not self.ks or any(k < 1 for k in self.ks):
-            raise ValueError(f"ks must be positive integers, got {self.ks}")
-        if self.methods is not None and not self.methods:
-            raise ValueError("methods: name at least one method, or null for all")
-        return self
 
 
 def report_path(run_dir: str, split: str, suffix: str) -> str:
-    return storage.join(RunFolder(run_dir).stage_dir(REPORT_STAGE), f"{split}.{suffix}")
+    return RunFolder(run_dir).report(f"{split}.{suffix}")
 
 
 def find_methods(run_dir: str, split: str) -> list[str]:
@@ -94,17 +64,17 @@ def _read_scores(run_dir: str, method: str, split: str) -> pa.Table:
 
 
 def evaluate(
-    experiment: "ExperimentConfig", split: str | None = None, methods: list[str] | None = None, write: bool = True
+    config: EvaluateConfig, context: RunContext, split: str | None = None, methods: list[str] | None = None,
+    write: bool = True,
 ) -> dict:
     """Metrics of `methods` (default evaluate.methods, else every method found) on
     `split` (default evaluate.split); writes the report."""
-    config: EvaluateConfig = experiment.evaluate
     split = split or config.split
-    run_dir = experiment.run_dir
+    run_dir = context.run_dir
     methods = methods or config.methods or find_methods(run_dir, split)
     if not methods:
         raise TrsrError(
-            f"{storage.join(run_dir, SCORES_STAGE)}: no scores for split {split!r}; run `trsr score` "
+            f"{RunFolder(run_dir).stage_dir(RunFolder.SCORES)}: no scores for split {split!r}; run `trsr score` "
             "(or `trsr baselines`) first"
         )
     tables = {method: _read_scores(run_dir, method, split) for method in methods}
@@ -128,15 +98,15 @@ def evaluate(
         table = table.filter(pc.is_in(table.column("list_id"), value_set=keep))
         per_list = per_list_metrics(
             table.column("list_id"), table.column("label"), table.column("score"),
-            ks=ks, ties=config.ties, seed=experiment.seed,
+            ks=ks, ties=config.ties, seed=context.seed,
         )
         list_sizes.update(int(s) for s in np.unique(per_list["size"]))
-        means = summarize(per_list)
+        means = mean_metrics(per_list)
         intervals = {}
         for name in means:
             if name in ("lists", "auc_excluded"):
                 continue
-            low, high = bootstrap_ci(per_list[name], n=config.bootstrap, alpha=alpha, seed=experiment.seed)
+            low, high = bootstrap_ci(per_list[name], n=config.bootstrap, alpha=alpha, seed=context.seed)
             intervals[name] = [low, high]
         rows[method] = {
             "metrics": {k: v for k, v in means.items() if k not in ("lists", "auc_excluded")},
@@ -163,7 +133,7 @@ def evaluate(
         "ties": config.ties,
         "confidence": config.confidence,
         "bootstrap": config.bootstrap,
-        "seed": experiment.seed,
+        "seed": context.seed,
         "lists": len(common),
         "methods": rows,
         "chance": chance,

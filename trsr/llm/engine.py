@@ -120,14 +120,8 @@ class GenerationParams:
     # None = the engine config's seed; the same seed gives the same output.
     seed: int | None = None
     repetition_penalty: float = 1.0
-    # Generation ends at the first of these strings, which is not part of the text.
-    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -192,14 +186,15 @@ class Engine(ABC):
 
     def encode(self, text: str) -> list[int]:
         """Token ids the model sees for a whole prompt or a scoring prefix."""
-        tokenizer = self.tokenizer
-        bos = tokenizer.bos_token
-        special = not (bos and text.startswith(bos))
-        return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+        from trsr.llm.tokenizer import encode_prompt
+
+        return encode_prompt(self.tokenizer, text)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens the model sees for each text sent as a whole prompt."""
-        return [len(self.encode(text)) for text in texts]
+        from trsr.llm.tokenizer import count_prompt_tokens
+
+        return count_prompt_tokens(self.tokenizer, texts)
 
     def token_id(self, word: str, role: str = "token") -> int:
         """The single token id of `word`; a clear error when it is several tokens."""
@@ -283,14 +278,6 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def trim_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` cut before the earliest stop string, and whether one was found."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    if cut < 0:
-        return text, False
-    return text[:cut], True
 
 
 def check_resources(config: EngineConfig) -> None:

@@ -25,10 +25,10 @@ from trsr.llm.engine import (
     Generation,
     GenerationParams,
     Prompt,
-    trim_at_stop,
 )
 from trsr.llm.models import resolve
 from trsr.llm.packing import additive_mask, prefix_sharing_exact, segment_allowed
+from trsr.llm.tokenizer import load_tokenizer
 
 
 def torch_dtype(name: str, on_gpu: bool):
@@ -42,7 +42,7 @@ def torch_dtype(name: str, on_gpu: bool):
 class HFEngine(Engine):
     def __init__(self, config: EngineConfig):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
         self.config = config
         self.folder = resolve(config.model)
@@ -50,10 +50,7 @@ class HFEngine(Engine):
         self.device = torch.device("cuda" if on_gpu else "cpu")
         self.dtype = torch_dtype(config.dtype, on_gpu)
 
-        tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self._tokenizer = tokenizer
+        self._tokenizer = tokenizer = load_tokenizer(self.folder)
 
         kwargs = {"dtype": self.dtype}
         if config.load_in_8bit:
@@ -153,9 +150,7 @@ class HFEngine(Engine):
             eos_token_id=self.eos_ids,
             pad_token_id=self.pad_id,
             bos_token_id=self.tokenizer.bos_token_id,
-            stop_strings=list(params.stop) or None,
         )
-        extra = {"tokenizer": self.tokenizer} if params.stop else {}
         with torch.inference_mode(), torch.random.fork_rng(devices=self._rng_devices()):
             if not params.greedy:
                 torch.manual_seed(self._seed(params))
@@ -163,7 +158,6 @@ class HFEngine(Engine):
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention.to(self.device),
                 generation_config=generation_config,
-                **extra,
             )
         new_tokens = output[:, longest:].tolist()
         return [
@@ -179,14 +173,7 @@ class HFEngine(Engine):
                 tokens, stopped = tokens[: k + 1], True
                 break
         body = tokens[:-1] if stopped else tokens
-        if not stopped and params.stop and self.pad_id not in eos:
-            while body and body[-1] == self.pad_id:  # a row ended by a stop string, then padded
-                body = body[:-1]
-            tokens = body
         text = self.tokenizer.decode(body, skip_special_tokens=True)
-        if params.stop:
-            text, hit = trim_at_stop(text, params.stop)
-            stopped = stopped or hit
         finish = "stop" if stopped else "length"
         if not stopped and len(tokens) < limit:
             finish = "stop"  # ended early for a reason generate knows (stopping criteria)

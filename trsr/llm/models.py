@@ -140,31 +140,3 @@ def _converted_gguf(gguf: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
-
-
-class WhitespaceTokenizer:
-    """Counts whitespace-separated words: a model-free stand-in for statistics."""
-
-    name = "whitespace"
-
-    def count(self, texts: list[str]) -> list[int]:
-        return [len(t.split()) for t in texts]
-
-
-class HFTokenizerCounter:
-    def __init__(self, ref: str):
-        from transformers import AutoTokenizer
-
-        self.name = ref
-        self._tokenizer = AutoTokenizer.from_pretrained(resolve(ref))
-
-    def count(self, texts: list[str]) -> list[int]:
-        encoded = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
-        return [len(ids) for ids in encoded]
-
-
-def token_counter(ref: str):
-    """An object with `.count(texts) -> list[int]` for statistics."""
-    if ref == "whitespace":
-        return WhitespaceTokenizer()
-    return HFTokenizerCounter(ref)

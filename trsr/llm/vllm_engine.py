@@ -17,8 +17,9 @@ import os
 from typing import Sequence
 
 from trsr.errors import ConfigError
-from trsr.llm.engine import Engine, EngineConfig, Generation, GenerationParams, Prompt, trim_at_stop
+from trsr.llm.engine import Engine, EngineConfig, Generation, GenerationParams, Prompt
 from trsr.llm.models import resolve
+from trsr.llm.tokenizer import load_tokenizer
 
 
 def default_cpu_bind(parts: int) -> str:
@@ -48,13 +49,9 @@ class VLLMEngine(Engine):
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.cpu_kvcache_gib))
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", default_cpu_bind(config.tensor_parallel_size))
-        from transformers import AutoTokenizer
         from vllm import LLM
 
-        tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self._tokenizer = tokenizer
+        self._tokenizer = load_tokenizer(self.folder)
 
         dtype = config.dtype
         if dtype == "auto":
@@ -119,7 +116,6 @@ class VLLMEngine(Engine):
             top_k=0,
             repetition_penalty=params.repetition_penalty,
             seed=None if params.greedy else self._seed(params),
-            stop=list(params.stop) or None,
             skip_special_tokens=True,
         )
         outputs = self.llm.generate(
@@ -133,9 +129,6 @@ class VLLMEngine(Engine):
             completion = output.outputs[0]
             text = completion.text
             stopped = completion.finish_reason == "stop"
-            if params.stop:  # vLLM already cut at stop strings; keep the rule identical to HF
-                text, hit = trim_at_stop(text, params.stop)
-                stopped = stopped or hit
             results.append(
                 Generation(
                     text=text,

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import re
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 from pydantic import Field, model_validator
 
 from trsr.config import Section, fingerprint
+from trsr.data.text import MIN_CHARS
+from trsr.domains import Domain
+from trsr.errors import ConfigError
 from trsr.llm.engine import EngineConfig
 from trsr.llm.models import DEFAULT_LLM
-from trsr.recommend.prompt import RecommendPromptConfig
 
 _METHOD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_METHODS = {
@@ -20,6 +22,106 @@ DEFAULT_METHODS = {
     "summary_only": "llm-trsr-summary-only",
     "tallrec": "tallrec",
 }
+
+
+Variant = Literal["hierarchical", "recurrent", "summary_only", "tallrec"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+SUMMARY_MODES = ("hierarchical", "recurrent")
+DEFAULT_RECENT_ITEMS = 3
+
+
+class RecommendPromptConfig(Section):
+    """The recommender prompt: which parts, how long, which answer words."""
+
+    # hierarchical | recurrent: that summary + K recent items; summary_only: a summary,
+    # K = 0; tallrec: no summary, as many recent raw history items as fit.
+    variant: Variant = "hierarchical"
+    # Wording of the instruction: news (read / click on), shopping (bought / buy), generic.
+    domain: Domain = "news"
+    # K, the most recent history items in the prompt. null = the variant's default:
+    # 3 (hierarchical, recurrent), 0 (summary_only), all that fit (tallrec, where a
+    # number caps the items).
+    recent_items: int | None = Field(None, ge=0)
+    # Longest prompt in tokens, answer and end of turn included (paper: 2048).
+    max_length: int = Field(2048, ge=32)
+    # Character cap per attribute value (item and candidate), before the length guard.
+    item_max_chars: int = Field(300, ge=MIN_CHARS)
+    # Per-attribute caps overriding item_max_chars, e.g. {desc: 600}.
+    attribute_max_chars: dict[str, int] = {}
+    # The guard cuts the summary to this many words before it drops recent items.
+    summary_min_words: int = Field(32, ge=0)
+    # Answer words: each must be one token right after the assistant header.
+    yes: str = "Yes"
+    no: str = "No"
+    # Which summaries/<mode> to read; null = from the variant (summary_only: hierarchical).
+    summary_mode: Literal["hierarchical", "recurrent"] | None = None
+    # A list whose user has no usable summary (not summarized, or its summary flagged:
+    # echo, over_length, ...), for training and scoring alike: "prompt_without" = the
+    # prompt's summary section is left empty (counted in the stats and warned about);
+    # "reject" = neither trained on nor scored, written to the stage's _rejects.parquet
+    # with the summary's status. Variants without a summary (tallrec) ignore it.
+    missing_summary: Literal["prompt_without", "reject"] = "prompt_without"
+    # Training and scoring stop before they start when more than this share of the lists
+    # they take has no usable summary (a summarize run that covered too few users, or a
+    # summarizer that fails): the error gives the counts by status.
+    max_missing_summary_share: float = Field(0.1, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RecommendPromptConfig":
+        if self.variant == "tallrec":
+            if self.summary_mode is not None:
+                raise ValueError("variant tallrec uses no summary; leave summary_mode unset")
+            if self.recent_items == 0:
+                raise ValueError("variant tallrec needs history items; recent_items must be > 0 or null")
+        elif self.variant in SUMMARY_MODES and self.summary_mode not in (None, self.variant):
+            raise ValueError(
+                f"variant {self.variant} reads {self.variant} summaries; summary_mode="
+                f"{self.summary_mode} contradicts it (use variant summary_only to pick freely)"
+            )
+        if not self.yes.strip() or not self.no.strip() or self.yes == self.no:
+            raise ValueError(f"yes/no answer words must be two different words, got {self.yes!r}/{self.no!r}")
+        bad = {name: cap for name, cap in self.attribute_max_chars.items() if cap < MIN_CHARS}
+        if bad:
+            raise ValueError(f"attribute_max_chars below {MIN_CHARS}: {bad}")
+        return self
+
+    @property
+    def k(self) -> int | None:
+        """Recent items in the prompt (None: all that fit, tallrec)."""
+        if self.recent_items is not None:
+            return self.recent_items
+        if self.variant == "summary_only":
+            return 0
+        if self.variant == "tallrec":
+            return None
+        return DEFAULT_RECENT_ITEMS
+
+    @property
+    def mode(self) -> str | None:
+        """The summaries/<mode> this prompt reads (None for tallrec)."""
+        if self.variant == "tallrec":
+            return None
+        if self.variant == "summary_only":
+            return self.summary_mode or "hierarchical"
+        return self.variant
+
+    @property
+    def has_summary(self) -> bool:
+        return self.variant != "tallrec"
+
+    @property
+    def has_items(self) -> bool:
+        return self.k is None or self.k > 0
+
+    def check_min_history(self, min_history: int | None) -> None:
+        """ConfigError when K recent items exceed the protocol's shortest history
+        (None: unknown, nothing to check)."""
+        if self.k is not None and min_history is not None and self.k > min_history:
+            raise ConfigError(
+                f"recent_items={self.k} is larger than prepare.protocol.min_history="
+                f"{min_history}: some users have fewer history items than the prompt asks "
+                "for; lower recent_items or raise min_history"
+            )
 
 
 class ScoreConfig(Section):

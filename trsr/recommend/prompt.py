@@ -47,23 +47,18 @@ raises a ConfigError when K exceeds the protocol's min_history (the score job ca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from pydantic import Field, model_validator
-
-from trsr.config import Section
-from trsr.data.text import ELLIPSIS, clean, render_item
+from trsr.data.text import ELLIPSIS, MIN_CHARS, SHRINK, clean, render_item, scaled_caps
+from trsr.domains import DOMAIN_WORDS
 from trsr.errors import ConfigError
 from trsr.llm.chat import render_chat, user_message
 from trsr.llm.engine import PromptTooLongError
+from trsr.llm.tokenizer import encode_prompt
+from trsr.recommend.config import RecommendPromptConfig
 
 Attributes = Sequence[Mapping[str, str]]
 
-VARIANTS = ("hierarchical", "recurrent", "summary_only", "tallrec")
-SUMMARY_MODES = ("hierarchical", "recurrent")
-DEFAULT_RECENT_ITEMS = 3
-MIN_ITEM_CHARS = 24  # the guard never shrinks an attribute cap below this
-SHRINK = 0.6  # each cap-shrinking round keeps 60% of the previous caps
 # Private-use characters: never in cleaned item text, never touched by a chat template.
 SENTINEL = "\ue000candidate\ue001"
 NO_TEMPLATE_ANSWER_MARKER = "\n\n### Assistant:\n"
@@ -72,136 +67,18 @@ SUMMARY_HEADER = "[Preference summary]"
 ITEMS_HEADER = "[Recent items]"
 CANDIDATE_HEADER = "[Candidate item]"
 
-_DOMAINS = {
-    "news": dict(
-        interests="news reading preferences",
-        noun="news article",
-        nouns="news articles",
-        past="read",
-        verb="click on",
-    ),
-    "shopping": dict(
-        interests="shopping preferences",
-        noun="product",
-        nouns="products",
-        past="bought",
-        verb="buy",
-    ),
-    "generic": dict(
-        interests="preferences",
-        noun="item",
-        nouns="items",
-        past="interacted with",
-        verb="interact with",
-    ),
-}
-
-
-class RecommendPromptConfig(Section):
-    """The recommender prompt: which parts, how long, which answer words."""
-
-    # hierarchical | recurrent: that summary + K recent items; summary_only: a summary,
-    # K = 0; tallrec: no summary, as many recent raw history items as fit.
-    variant: Literal["hierarchical", "recurrent", "summary_only", "tallrec"] = "hierarchical"
-    # Wording of the instruction: news (read / click on), shopping (bought / buy), generic.
-    domain: Literal["news", "shopping", "generic"] = "news"
-    # K, the most recent history items in the prompt. null = the variant's default:
-    # 3 (hierarchical, recurrent), 0 (summary_only), all that fit (tallrec, where a
-    # number caps the items).
-    recent_items: int | None = Field(None, ge=0)
-    # Longest prompt in tokens, answer and end of turn included (paper: 2048).
-    max_length: int = Field(2048, ge=32)
-    # Character cap per attribute value (item and candidate), before the length guard.
-    item_max_chars: int = Field(300, ge=MIN_ITEM_CHARS)
-    # Per-attribute caps overriding item_max_chars, e.g. {desc: 600}.
-    attribute_max_chars: dict[str, int] = {}
-    # The guard cuts the summary to this many words before it drops recent items.
-    summary_min_words: int = Field(32, ge=0)
-    # Answer words: each must be one token right after the assistant header.
-    yes: str = "Yes"
-    no: str = "No"
-    # Which summaries/<mode> to read; null = from the variant (summary_only: hierarchical).
-    summary_mode: Literal["hierarchical", "recurrent"] | None = None
-    # A list whose user has no usable summary (not summarized, or its summary flagged:
-    # echo, over_length, ...), for training and scoring alike: "prompt_without" = the
-    # prompt's summary section is left empty (counted in the stats and warned about);
-    # "reject" = neither trained on nor scored, written to the stage's _rejects.parquet
-    # with the summary's status. Variants without a summary (tallrec) ignore it.
-    missing_summary: Literal["prompt_without", "reject"] = "prompt_without"
-    # Training and scoring stop before they start when more than this share of the lists
-    # they take has no usable summary (a summarize run that covered too few users, or a
-    # summarizer that fails): the error gives the counts by status.
-    max_missing_summary_share: float = Field(0.1, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _check(self) -> "RecommendPromptConfig":
-        if self.variant == "tallrec":
-            if self.summary_mode is not None:
-                raise ValueError("variant tallrec uses no summary; leave summary_mode unset")
-            if self.recent_items == 0:
-                raise ValueError("variant tallrec needs history items; recent_items must be > 0 or null")
-        elif self.variant in SUMMARY_MODES and self.summary_mode not in (None, self.variant):
-            raise ValueError(
-                f"variant {self.variant} reads {self.variant} summaries; summary_mode="
-                f"{self.summary_mode} contradicts it (use variant summary_only to pick freely)"
-            )
-        if not self.yes.strip() or not self.no.strip() or self.yes == self.no:
-            raise ValueError(f"yes/no answer words must be two different words, got {self.yes!r}/{self.no!r}")
-        bad = {name: cap for name, cap in self.attribute_max_chars.items() if cap < MIN_ITEM_CHARS}
-        if bad:
-            raise ValueError(f"attribute_max_chars below {MIN_ITEM_CHARS}: {bad}")
-        return self
-
-    @property
-    def k(self) -> int | None:
-        """Recent items in the prompt (None: all that fit, tallrec)."""
-        if self.recent_items is not None:
-            return self.recent_items
-        if self.variant == "summary_only":
-            return 0
-        if self.variant == "tallrec":
-            return None
-        return DEFAULT_RECENT_ITEMS
-
-    @property
-    def mode(self) -> str | None:
-        """The summaries/<mode> this prompt reads (None for tallrec)."""
-        if self.variant == "tallrec":
-            return None
-        if self.variant == "summary_only":
-            return self.summary_mode or "hierarchical"
-        return self.variant
-
-    @property
-    def has_summary(self) -> bool:
-        return self.variant != "tallrec"
-
-    @property
-    def has_items(self) -> bool:
-        return self.k is None or self.k > 0
-
-    def check_min_history(self, min_history: int) -> None:
-        """ConfigError when K recent items exceed the protocol's shortest history."""
-        if self.k is not None and self.k > min_history:
-            raise ConfigError(
-                f"recent_items={self.k} is larger than prepare.protocol.min_history="
-                f"{min_history}: some users have fewer history items than the prompt asks "
-                "for; lower recent_items or raise min_history"
-            )
-
-
 def instruction(config: RecommendPromptConfig) -> str:
-    d = _DOMAINS[config.domain]
+    d = DOMAIN_WORDS[config.domain]
     if config.has_summary and config.has_items:
         text = (
-            f"Given a summary of a user's {d['interests']} and the {d['nouns']} they "
+            f"Given a summary of a user's {d['preferences']} and the {d['nouns']} they "
             f"{d['past']} most recently (oldest first), predict whether the user will "
             f"{d['verb']} the candidate {d['noun']}. The summary captures long-term "
             f"interests and the recent {d['nouns']} short-term interests; consider both."
         )
     elif config.has_summary:
         text = (
-            f"Given a summary of a user's {d['interests']}, predict whether the user will "
+            f"Given a summary of a user's {d['preferences']}, predict whether the user will "
             f"{d['verb']} the candidate {d['noun']}. The summary captures the user's "
             "long-term interests."
         )
@@ -214,13 +91,6 @@ def instruction(config: RecommendPromptConfig) -> str:
 
 
 # ------------------------------------------------------------------------ tokens
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of a whole prompt, exactly as `Engine.encode` makes them."""
-    bos = tokenizer.bos_token
-    special = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def answer_token_ids(tokenizer, yes: str, no: str) -> tuple[int, int]:
@@ -278,12 +148,11 @@ class PromptBuilder:
 
     def item_text(self, attributes: Attributes, scale: float = 1.0) -> str:
         """One item line (ids never appear) with the configured caps times `scale`."""
-        caps = {}
-        for attribute in attributes:
-            name = attribute["name"]
-            cap = self.config.attribute_max_chars.get(name, self.config.item_max_chars)
-            caps[name] = max(MIN_ITEM_CHARS, int(cap * scale))
-        return render_item(attributes, caps)
+        return render_item(attributes, self._caps(attributes, scale))
+
+    def _caps(self, attributes: Attributes, scale: float) -> dict[str, int]:
+        names = [attribute["name"] for attribute in attributes]
+        return scaled_caps(names, self.config.item_max_chars, self.config.attribute_max_chars, scale)
 
     def user_prefix(self, summary: str | None, recent_items: Sequence[Attributes], scale: float = 1.0) -> str:
         """The user message before the candidate text: instruction, summary, items.
@@ -321,7 +190,7 @@ class PromptBuilder:
 
     # -- guarded -----------------------------------------------------------------------
     def count(self, text: str) -> int:
-        return len(encode(self.tokenizer, text))
+        return len(encode_prompt(self.tokenizer, text))
 
     def select(self, history: Sequence[Attributes]) -> list[Attributes]:
         """The history items the variant asks for (oldest first)."""
@@ -423,11 +292,7 @@ class PromptBuilder:
         )
 
     def _at_min_caps(self, attributes: Attributes, scale: float) -> bool:
-        return all(
-            int(self.config.attribute_max_chars.get(a["name"], self.config.item_max_chars) * scale)
-            <= MIN_ITEM_CHARS
-            for a in attributes
-        )
+        return all(cap <= MIN_CHARS for cap in self._caps(attributes, scale).values())
 
     def _count_all(self, prefix: str, suffixes: list[str], longest: int) -> list[int]:
         """Tokens of each prefix + suffix. Counted as prefix tokens + suffix tokens when
@@ -464,10 +329,10 @@ class PromptBuilder:
         answer and end of turn add."""
         head, tail = self.render(self.user_prefix(None, []))
         prompt = head + "probe" + tail
-        base = encode(self.tokenizer, prompt)
+        base = encode_prompt(self.tokenizer, prompt)
         reserve = 1
         for word, token in ((self.config.yes, self.yes_id), (self.config.no, self.no_id)):
-            ids = encode(self.tokenizer, prompt + word)
+            ids = encode_prompt(self.tokenizer, prompt + word)
             if ids[: len(base)] != base or ids[len(base) :] != [token]:
                 pieces = self.tokenizer.convert_ids_to_tokens(ids[len(base) - 1 :])
                 raise ConfigError(
@@ -475,7 +340,7 @@ class PromptBuilder:
                     f"{pieces}, not as the single token {token}; pick answer words that are one "
                     "token there (e.g. ' Yes'/' No' when the header ends without whitespace)"
                 )
-            reserve = max(reserve, len(encode(self.tokenizer, prompt + word + self.end_of_turn)) - len(base))
+            reserve = max(reserve, len(encode_prompt(self.tokenizer, prompt + word + self.end_of_turn)) - len(base))
         return reserve
 
 

@@ -24,40 +24,25 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr.config import fingerprint
-from trsr.schema import SCORES, SPLITS, lists_without_summary
+from trsr.schema import SCORES, SCORES_WITH_DIAGNOSTICS, SPLITS, lists_without_summary
 from trsr.errors import ConfigError
 from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
-from trsr.runner import Step, StageJob, count_rows, run_stage
+from trsr.runner import RunContext, Step, StageJob, count_rows, run_stage
 from trsr.runs import LAYOUT, RunFolder, inputs_signature
-
-if TYPE_CHECKING:
-    from trsr.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 OK = ranking_lists.OK
 UNUSED = ranking_lists.UNUSED
 
-DIAGNOSTICS = [
-    pa.field("position", pa.int16()),
-    pa.field("logp_yes", pa.float64()),
-    pa.field("logp_no", pa.float64()),
-    pa.field("prompt_tokens", pa.int32()),
-    pa.field("history_items", pa.int16()),
-    pa.field("items_dropped", pa.int16()),
-    pa.field("summary_words_cut", pa.int32()),
-    pa.field("caps_shortened", pa.bool_()),
-    pa.field("summary_status", pa.string()),
-]
-STAGE_OUTPUT = pa.schema(list(SCORES) + DIAGNOSTICS)
 
 
 def p_yes(logp_yes: float, logp_no: float) -> float:
@@ -70,7 +55,7 @@ def p_yes(logp_yes: float, logp_no: float) -> float:
 
 
 class ScoreStage:
-    """Ranking lists (PROMPT_LISTS rows) -> one scored row per candidate (STAGE_OUTPUT)."""
+    """Ranking lists (PROMPT_LISTS rows) -> one scored row per candidate (SCORES_WITH_DIAGNOSTICS)."""
 
     def __init__(self, config: ScoreConfig, engine=None):
         if engine is None:
@@ -108,7 +93,7 @@ class ScoreStage:
         requests = [(p.prefix, p.suffixes) for p in prompts]
         results = self.engine.yes_no_logprobs(requests, self.config.prompt.yes, self.config.prompt.no)
 
-        out: dict[str, list[Any]] = {field.name: [] for field in STAGE_OUTPUT}
+        out: dict[str, list[Any]] = {field.name: [] for field in SCORES_WITH_DIAGNOSTICS}
         for i, (prompt, logprobs) in enumerate(zip(prompts, results)):
             candidates = columns["candidates"][i]
             if len(logprobs) != len(candidates):
@@ -132,7 +117,7 @@ class ScoreStage:
                 out["summary_words_cut"].append(prompt.summary_words_cut)
                 out["caps_shortened"].append(prompt.caps_shortened)
                 out["summary_status"].append(columns["summary_status"][i])
-        return pa.Table.from_pydict(out, schema=STAGE_OUTPUT)
+        return pa.Table.from_pydict(out, schema=SCORES_WITH_DIAGNOSTICS)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -151,25 +136,18 @@ def read_scores(run_dir: str, method: str, split: str) -> pa.Table:
     return table.select(SCORES.names).cast(SCORES)
 
 
-def stage_inputs(experiment: "ExperimentConfig", run: RunFolder) -> tuple[str, str | None]:
-    return ranking_lists.input_fingerprints(run, experiment.score.prompt)
-
-
-def resolve_adapter(experiment: "ExperimentConfig") -> str | None:
+def resolve_adapter(config: ScoreConfig, run: RunFolder, trained: bool) -> str | None:
     """The LoRA adapter the scorer loads: score.engine.lora_adapter if set, else the
-    trained adapter of this method when train.enabled, else none (base model)."""
-    config: ScoreConfig = experiment.score
+    trained adapter of this method when `trained` (train.enabled), else none (base model)."""
     if config.engine.lora_adapter:
         return config.engine.lora_adapter
-    train = getattr(experiment, "train", None)
-    if train is None or not train.enabled:
+    if not trained:
         return None
-    return RunFolder(experiment.run_dir).best_adapter(config.method_name)
+    return run.best_adapter(config.method_name)
 
 
-def stage_fingerprint(experiment: "ExperimentConfig", run: RunFolder, split: str) -> str:
-    config: ScoreConfig = experiment.score
-    prepared, summaries = stage_inputs(experiment, run)
+def stage_fingerprint(config: ScoreConfig, run: RunFolder, split: str) -> str:
+    prepared, summaries = ranking_lists.input_fingerprints(run, config.prompt)
     adapter = inputs_signature(config.engine.lora_adapter) if config.engine.lora_adapter else None
     return fingerprint(output_settings(config, exclude={"splits"}), split, prepared, summaries, adapter, LAYOUT)
 
@@ -183,10 +161,8 @@ def output_settings(config: ScoreConfig, exclude: set[str]) -> dict:
     return settings
 
 
-def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:
+def score_job(config: ScoreConfig, run: RunFolder, split: str) -> StageJob:
     """The runner's description of scoring one split (the adapter already resolved)."""
-    config: ScoreConfig = experiment.score
-    run = RunFolder(experiment.run_dir)
     mode = config.prompt.mode
     inputs, _ = ranking_lists.source(run, mode)
     engine = config.engine
@@ -202,14 +178,14 @@ def score_job(experiment: "ExperimentConfig", split: str) -> StageJob:
             Step(
                 ScoreStage,
                 {"config": config},
-                STAGE_OUTPUT,
+                SCORES_WITH_DIAGNOSTICS,
                 actors=engine.actors,
                 num_cpus=engine.num_cpus,
                 num_gpus=engine.num_gpus,
             ),
         ],
         batch_rows=config.users_per_batch,
-        fingerprint=stage_fingerprint(experiment, run, split),
+        fingerprint=stage_fingerprint(config, run, split),
         where=ranking_lists.where(split, config.max_lists),
         columns=ranking_lists.columns(mode),
         unit="lists",
@@ -278,36 +254,35 @@ def split_stats(stats: dict, lists_in_split: int) -> dict:
     }
 
 
-def score(experiment: "ExperimentConfig", split: str | None = "test", force: bool = False) -> dict:
+def score(config: ScoreConfig, context: RunContext, split: str | None = "test", force: bool = False,
+          trained: bool = True) -> dict:
     """Score `split` (None: every split in score.splits); return stats per split.
+    `trained` (train.enabled): score with this method's trained adapter unless
+    score.engine.lora_adapter names one; false: the base model.
 
     Writes <run_dir>/scores/<method>/<split>/ (SCORES + diagnostics). A split whose
     config and inputs are unchanged since its last run is skipped unless `force`; an
     interrupted run of the same config resumes where it stopped.
     """
-    config: ScoreConfig | None = getattr(experiment, "score", None)
-    if not isinstance(config, ScoreConfig):
-        raise ConfigError("the experiment config has no `score` section (ScoreConfig)")
     splits = [split] if split is not None else list(config.splits)
     for name in splits:
         if name not in SPLITS:
             raise ConfigError(f"unknown split {name!r}; one of {SPLITS}")
-    run = RunFolder(experiment.run_dir)
-    stage_inputs(experiment, run)
-    config.prompt.check_min_history(experiment.prepare.protocol.min_history)
+    run = context.run
+    ranking_lists.input_fingerprints(run, config.prompt)  # clear errors when an input is missing
+    config.prompt.check_min_history(run.prepared_min_history())
     from trsr.llm.models import resolve
 
     resolve(config.engine.model)  # an unknown model fails here, not inside an actor
-    adapter = resolve_adapter(experiment)
+    adapter = resolve_adapter(config, run, trained)
     if adapter != config.engine.lora_adapter:
         config = config.model_copy(update={"engine": config.engine.model_copy(update={"lora_adapter": adapter})})
-        experiment = experiment.model_copy(update={"score": config})
     method = config.method_name
     result: dict = {}
     for name in splits:
-        job = score_job(experiment, name)
+        job = score_job(config, run, name)
         ranking_lists.check_summaries(job.name, job.inputs, job.where, config.prompt)
-        stats = run_stage(job, experiment.runner, force=force)
+        stats = run_stage(job, context.runner, force=force)
         if stats.get("saturated"):
             log.warning("score %s %s: %d score(s) at exactly 0 or 1 (float saturation)", method, name, stats["saturated"])
         lists_in_split = count_rows(job.inputs, ranking_lists.where(name, None))

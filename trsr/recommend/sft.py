@@ -22,51 +22,35 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
 import pyarrow.compute as pc
 
 from trsr import storage
+from trsr.schema import EXAMPLES
 from trsr.config import fingerprint
 from trsr.errors import ConfigError, TrsrError
 from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import SFTConfig, ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
-from trsr.runner import Step, StageJob, run_stage
+from trsr.runner import RunContext, Step, StageJob, run_stage
 from trsr.runs import LAYOUT, RunFolder
-
-if TYPE_CHECKING:
-    from trsr.experiment import ExperimentConfig
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-EXAMPLES = pa.schema(
-    [
-        pa.field("text", pa.string(), nullable=False),
-        pa.field("answer_start", pa.int64(), nullable=False),
-        pa.field("list_id", pa.string(), nullable=False),
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("position", pa.int16(), nullable=False),  # the candidate's place in its list
-        pa.field("label", pa.int8(), nullable=False),
-        pa.field("summary_status", pa.string(), nullable=False),
-        pa.field("history_items", pa.int16(), nullable=False),
-    ]
-)
 
 
 class TrainingTexts:
     """PROMPT_LISTS rows -> one EXAMPLES row per candidate (a CPU actor with a tokenizer)."""
 
     def __init__(self, config: ScoreConfig, model: str):
-        from transformers import AutoTokenizer
-
-        from trsr.llm.models import resolve
+        from trsr.llm.tokenizer import load_tokenizer
 
         self.config = config
-        self.builder = PromptBuilder(config.prompt, AutoTokenizer.from_pretrained(resolve(model)))
+        self.builder = PromptBuilder(config.prompt, load_tokenizer(model))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list[Any]] = {name: [] for name in EXAMPLES.names}
@@ -111,11 +95,8 @@ class ValidateAdapter:
         return {k: v for k, v in metrics.items() if k != "auc_excluded"}
 
 
-def texts_job(experiment: "ExperimentConfig", model: str) -> StageJob:
+def texts_job(config: SFTConfig, score_config: ScoreConfig, run: RunFolder, model: str) -> StageJob:
     """The runner's description of building the training texts of the variant."""
-    config: SFTConfig = experiment.train
-    score_config: ScoreConfig = experiment.score
-    run = RunFolder(experiment.run_dir)
     method = score_config.method_name
     mode = score_config.prompt.mode
     inputs, _ = ranking_lists.source(run, mode)
@@ -153,7 +134,7 @@ def _texts_stats(table: pa.Table) -> dict:
     }
 
 
-def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
+def validation_lists(score_config: ScoreConfig, run: RunFolder, n: int) -> pa.Table:
     """The first `n` validation lists (PROMPT_LISTS), read in the driver: `n` is a small
     config value (train.valid_lists), and only their items are loaded."""
     import pyarrow.dataset as ds
@@ -161,8 +142,6 @@ def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
     from trsr.data.catalogue import Catalogue
     from trsr.runner import arrow_where
 
-    score_config: ScoreConfig = experiment.score
-    run = RunFolder(experiment.run_dir)
     mode = score_config.prompt.mode
     inputs, _ = ranking_lists.source(run, mode)
     filesystem, _ = storage.arrow_filesystem(inputs[0])
@@ -178,20 +157,19 @@ def validation_lists(experiment: "ExperimentConfig", n: int) -> pa.Table:
     return AttachItems(catalogue, score_config.prompt.k, mode is not None)(table)
 
 
-def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
-    """Fine-tune the recommender for experiment.score.prompt.variant; returns the result.
+def train(config: SFTConfig, score_config: ScoreConfig, context: RunContext, force: bool = False) -> dict:
+    """Fine-tune the recommender for score_config.prompt.variant (the scorer's model,
+    prompt and summaries); returns the result.
 
     Writes train/<method>/ (texts/, LoRA checkpoints, result.json). Skipped when the
     config and inputs match the last run (unless `force`, which also retrains from scratch).
     """
     from trsr.recommend.train import train_lora
 
-    config: SFTConfig = experiment.train
-    score_config: ScoreConfig = experiment.score
     if not config.enabled:
         raise ConfigError("train.enabled is false: nothing to train (the score stage uses the base model)")
     method = score_config.method_name
-    run = RunFolder(experiment.run_dir)
+    run = context.run
     stage = run.training(method)
     folder = stage.path
     lora = config.lora_config(score_config)
@@ -200,36 +178,36 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
             f"train.max_length={lora.max_length} exceeds score.engine.max_model_len={score_config.engine.max_model_len}"
         )
     prepared, summaries_fp = ranking_lists.input_fingerprints(run, score_config.prompt)
-    score_config.prompt.check_min_history(experiment.prepare.protocol.min_history)
+    score_config.prompt.check_min_history(run.prepared_min_history())
     from trsr.llm.models import resolve
 
     resolve(lora.model)  # an unknown model fails here, not inside a Ray actor
     settings = config.model_dump(mode="json", exclude={"workers", "cpus_per_worker", "use_gpu", "text_actors", "max_failures", "log_every"})
-    key = fingerprint(settings, score_config.prompt, lora.model, prepared, summaries_fp, experiment.seed, LAYOUT)
+    key = fingerprint(settings, score_config.prompt, lora.model, prepared, summaries_fp, context.seed, LAYOUT)
     result_path = storage.join(folder, "result.json")
     if not force and stage.is_complete(key) and storage.exists(result_path):
         return dict(storage.read_json(result_path), skipped=True)
 
     started = time.perf_counter()
-    texts = texts_job(experiment, lora.model)
+    texts = texts_job(config, score_config, run, lora.model)
     ranking_lists.check_summaries(texts.name, texts.inputs, texts.where, score_config.prompt)
-    texts_stats = run_stage(texts, experiment.runner, force=force)
+    texts_stats = run_stage(texts, context.runner, force=force)
     if texts_stats.get("examples", 0) == 0:
         raise TrsrError(f"{run.lists('train')}: no training lists")
 
     valid_fn = None
     valid_lists = 0
     if config.valid_lists:
-        valid = validation_lists(experiment, config.valid_lists)
+        valid = validation_lists(score_config, run, config.valid_lists)
         valid_lists = valid.num_rows
         if valid_lists:
-            valid_fn = ValidateAdapter(score_config, valid, experiment.seed)
+            valid_fn = ValidateAdapter(score_config, valid, context.seed)
         else:
             lora = lora.model_copy(update={"valid_metric": None})
 
-    lora = lora.model_copy(update={"seed": experiment.seed + lora.seed})
+    lora = lora.model_copy(update={"seed": context.seed + lora.seed})
     # Grouped by list: the candidates of a list share the user part of the prompt.
-    summary = train_lora(
+    trained = train_lora(
         lora, texts.folder.path, valid_fn, storage_path=folder, resume=not force, group_column="list_id"
     )
     result = {
@@ -242,8 +220,8 @@ def train(experiment: "ExperimentConfig", force: bool = False) -> dict:
         "valid_lists": valid_lists,
         "examples_path": texts.folder.path,
         "seconds": round(time.perf_counter() - started, 2),
-        **{k: v for k, v in summary.items() if k not in ("run_dir", "examples")},
-        "lora_dir": summary["run_dir"],
+        **{k: v for k, v in trained.items() if k not in ("run_dir", "examples")},
+        "lora_dir": trained["run_dir"],
     }
     storage.write_json(result, result_path)
     stage.finish(key, texts_stats, method=method)

@@ -125,7 +125,7 @@ from trsr.recommend.train_state import (
     latest_state,
     run_dir,
     stored_states,
-    summarize_run,
+    training_result,
 )
 
 log = logging.getLogger(__name__)
@@ -225,7 +225,7 @@ def train_lora(
     resumed_step = previous["step"] if previous else 0
     if previous is not None and is_complete(previous, config):
         states = stored_states(folder)
-        return summarize_run(states[-1] if states else previous, folder, config, resumed_from, 0.0, resumed_step)
+        return training_result(states[-1] if states else previous, folder, config, resumed_from, 0.0, resumed_step)
 
     require_resources(
         "train", gpus=config.workers if config.use_gpu else 0, cpus=config.workers * config.cpus_per_worker
@@ -275,4 +275,4 @@ def train_lora(
     states = stored_states(folder)
     if not states:
         raise TrsrError(f"training finished but no checkpoint was found under {folder}")
-    return summarize_run(states[-1], folder, config, resumed_from, wall, resumed_step)
+    return training_result(states[-1], folder, config, resumed_from, wall, resumed_step)

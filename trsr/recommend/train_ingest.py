@@ -11,12 +11,12 @@
                text, in order-key order, which is a seeded permutation of the groups that
                does not depend on the input's order, files or block sizes
     measure    on the driver: counts and the data fingerprint (an order-independent sum
-               of the digests) from ONE small row per block, streamed (`measure`); the
-               driver never holds the examples
+               of the digests) from ONE small row per block, streamed
+               (`train_stats.measure`); the driver never holds the examples
     train      the rows with texts: `TorchTrainer(datasets={"train": ...})` splits them
                across the workers every epoch (streaming_split, preserve_order), and each
-               worker reads its shard through `shard_rows` (a seeded local shuffle per
-               epoch, skipping what a resumed checkpoint already trained on)
+               worker reads its shard through `train_shard.shard_rows` (a seeded local
+               shuffle per epoch, skipping what a resumed checkpoint already trained on)
 
 Every epoch re-runs the pipeline (streamed: nothing is materialized), so tokenization
 costs about 1/epochs of a pass per epoch; its cost is small next to training.
@@ -24,41 +24,34 @@ costs about 1/epochs of a pass per epoch; its cost is small next to training.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import os
 import posixpath
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
 
 from trsr import storage
 from trsr.errors import ConfigError, InputFileError
+from trsr.llm.tokenizer import load_tokenizer
 from trsr.runner import read_parquet
 from trsr.recommend.train_data import (
-    TrainingRow,
     check_encoded,
     combine_digests,
     example_digest,
     label_starts,
-    mix_seed,
     normalize_example,
     normalize_examples,
     order_key,
-    overlong_message,
     pack_group,
 )
+from trsr.recommend.train_stats import measure
 
 log = logging.getLogger(__name__)
 
 TEXT_COLUMNS = (("text", "answer_start"), ("prompt", "completion"))
 # Examples per Ray block when the examples come as a Python list.
 LIST_BLOCK_ROWS = 1024
-# Rows a worker fetches from its shard at a time (also the local shuffle's batch).
-FETCH_ROWS = 16
 OK, OVERLONG, INVALID = 0, 1, 2
 
 TOKENIZED = pa.schema(
@@ -91,39 +84,6 @@ PACKED = pa.schema(
         ("digest", pa.uint64()),
     ]
 )
-STATS = pa.schema(
-    [
-        ("rows", pa.int64()),
-        ("texts", pa.int64()),
-        ("members", pa.int64()),
-        ("dropped", pa.int64()),
-        ("longest_dropped", pa.int64()),
-        ("text_tokens", pa.int64()),
-        ("row_tokens", pa.int64()),
-        ("largest_row", pa.int64()),
-        ("errors", pa.int64()),
-        ("first_error", pa.string()),
-        ("digest", pa.uint64()),
-    ]
-)
-
-
-@dataclass
-class DataStats:
-    """What the driver knows about the training data (counted by Ray, streamed)."""
-
-    texts: int  # examples kept (within max_length)
-    rows: int  # training rows: groups (prefix-shared) or texts
-    dropped: int  # examples over max_length left out (overlong: drop)
-    text_tokens: int  # tokens of the kept texts, each counted whole
-    row_tokens: int  # tokens the rows hold (what one epoch computes)
-    largest_row: int  # texts of the largest group
-    fingerprint: str  # of the examples (and groups): independent of order and files
-    source: str  # "list" or the Parquet path
-    grouped: bool  # rows are prefix-shared groups
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------- source
@@ -249,15 +209,6 @@ def source_dataset(train_texts: Sequence | str, groups: Sequence[str] | None, gr
 # ---------------------------------------------------------------------------- stages
 
 
-@functools.lru_cache(maxsize=4)
-def _tokenizer(model: str):
-    from transformers import AutoTokenizer
-
-    from trsr.llm.models import resolve
-
-    return AutoTokenizer.from_pretrained(resolve(model))
-
-
 def tokenize_batch(
     batch: pa.Table, *, model: str, columns: tuple[str, str], group_column: str | None, loss: str,
     max_length: int, seed: int,
@@ -279,7 +230,7 @@ def tokenize_batch(
             good.append(i)
         except ValueError as error:
             out["error"][i] = f"input: {error}"
-    for i, (text, answer_start), (ids, start) in zip(good, examples, label_starts(_tokenizer(model), examples)):
+    for i, (text, answer_start), (ids, start) in zip(good, examples, label_starts(load_tokenizer(model), examples)):
         group = None if groups[i] is None else str(groups[i])
         digest = example_digest(text, answer_start, group)
         out["digest"][i] = digest
@@ -333,33 +284,6 @@ def pack_batch(group: pa.Table, *, loss: str) -> pa.Table:
     return pa.Table.from_pydict(out, schema=PACKED)
 
 
-def block_stats(block: pa.Table) -> pa.Table:
-    """Ray Data stage: one STATS row per block of PACKED rows."""
-    import pyarrow.compute as pc
-
-    texts = block.column("texts").to_pylist()
-    errors = [e for e in block.column("error").to_pylist() if e]
-    row_tokens = pc.sum(pc.list_value_length(block.column("ids"))).as_py() or 0  # empty for rows without texts
-    return pa.Table.from_pylist(
-        [
-            {
-                "rows": sum(1 for n in texts if n),
-                "texts": sum(texts),
-                "members": sum(block.column("members").to_pylist()),
-                "dropped": sum(block.column("dropped").to_pylist()),
-                "longest_dropped": max(block.column("longest_dropped").to_pylist(), default=0),
-                "text_tokens": sum(block.column("text_tokens").to_pylist()),
-                "row_tokens": row_tokens,
-                "largest_row": max(texts, default=0),
-                "errors": len(errors),
-                "first_error": errors[0] if errors else None,
-                "digest": combine_digests(block.column("digest").to_pylist()),
-            }
-        ],
-        schema=STATS,
-    )
-
-
 def trainable_rows(block: pa.Table) -> pa.Table:
     """Ray Data stage: the rows that hold texts, with the columns the workers read."""
     import pyarrow.compute as pc
@@ -389,43 +313,6 @@ def packed_dataset(source, *, columns, group_column, model: str, loss: str, max_
     return tokenized.groupby(["okey", "group"]).map_groups(pack_batch, batch_format="pyarrow", fn_kwargs={"loss": loss})
 
 
-def measure(packed, *, source: str, grouped: bool, overlong: str, max_length: int) -> DataStats:
-    """Counts and fingerprint of the PACKED rows: one small row per block reaches the
-    driver (streamed), never the examples. Raises for bad examples and, with
-    `overlong: error`, for texts over max_length."""
-    totals = {name: 0 for name in STATS.names if name not in ("first_error", "digest")}
-    digest, first_error = 0, None
-    for row in packed.map_batches(block_stats, batch_format="pyarrow", batch_size=None).iter_rows():
-        for name in totals:
-            value = int(row[name] or 0)
-            totals[name] = max(totals[name], value) if name in ("longest_dropped", "largest_row") else totals[name] + value
-        digest = combine_digests([digest, int(row["digest"] or 0)])
-        first_error = first_error or row["first_error"]
-    where = f"{source}: " if source != "list" else ""
-    if totals["errors"]:
-        kind, message = first_error.split(": ", 1)
-        text = f"{where}{totals['errors']} bad training example(s), e.g. {message}"
-        raise (InputFileError(text) if kind == "input" and source != "list" else ConfigError(text))
-    if totals["members"] == 0:
-        raise ConfigError(f"{where}no training examples")
-    if totals["dropped"] and overlong == "error":
-        raise ConfigError(where + overlong_message(totals["dropped"], totals["members"], max_length, totals["longest_dropped"]))
-    if totals["texts"] == 0:
-        raise ConfigError(f"{where}no training example fits max_length={max_length} tokens")
-    blob = json.dumps({"digest": digest, "members": totals["members"], "grouped": grouped}, sort_keys=True)
-    return DataStats(
-        texts=totals["texts"],
-        rows=totals["rows"],
-        dropped=totals["dropped"],
-        text_tokens=totals["text_tokens"],
-        row_tokens=totals["row_tokens"],
-        largest_row=totals["largest_row"],
-        fingerprint=hashlib.sha256(blob.encode()).hexdigest()[:16],
-        source=source,
-        grouped=grouped,
-    )
-
-
 def prepare(
     train_texts: Sequence | str, *, groups: Sequence[str] | None, group_column: str | None, model: str,
     loss: str, max_length: int, overlong: str, share_prefix: bool, seed: int,
@@ -440,42 +327,3 @@ def prepare(
     )
     stats = measure(packed, source=name, grouped=group_column is not None, overlong=overlong, max_length=max_length)
     return packed.map_batches(trainable_rows, batch_format="pyarrow", batch_size=None), stats
-
-
-# ---------------------------------------------------------------------------- worker
-
-
-def shard_rows(shard, *, seed: int, epoch: int, rank: int, shuffle_buffer: int, skip: int = 0) -> Iterator[TrainingRow]:
-    """This worker's TrainingRows of one epoch from its Ray Train dataset shard.
-
-    The shard arrives in the run's fixed order; a local shuffle buffer of
-    `shuffle_buffer` rows, seeded by (seed, epoch, rank), reorders it per epoch (0: no
-    reshuffle). The first `skip` rows (trained before a resumed checkpoint) are passed
-    over. With the same data, seed and number of workers the rows come in the same
-    order every time."""
-    import numpy as np
-
-    kwargs: dict[str, Any] = {"batch_size": FETCH_ROWS, "batch_format": "pyarrow", "prefetch_batches": 1}
-    if shuffle_buffer:
-        kwargs["local_shuffle_buffer_size"] = max(shuffle_buffer, FETCH_ROWS)
-        kwargs["local_shuffle_seed"] = mix_seed(seed, epoch, rank)
-    seen = 0
-    for batch in shard.iter_batches(**kwargs):
-        n = batch.num_rows
-        if seen + n <= skip:
-            seen += n
-            continue
-        columns = {name: batch.column(name) for name in TRAIN_COLUMNS}
-        for i in range(n):
-            seen += 1
-            if seen <= skip:
-                continue
-            yield TrainingRow(
-                ids=np.asarray(columns["ids"][i].values, dtype=np.int32),
-                positions=np.asarray(columns["positions"][i].values, dtype=np.int32),
-                segments=np.asarray(columns["segments"][i].values, dtype=np.int32),
-                targets=np.asarray(columns["targets"][i].values, dtype=np.int32),
-                weights=np.asarray(columns["weights"][i].values, dtype=np.float32),
-                texts=int(columns["texts"][i].as_py()),
-                text_tokens=int(columns["text_tokens"][i].as_py()),
-            )

@@ -16,7 +16,8 @@ from typing import Any
 from trsr.errors import ConfigError, TrsrError
 from trsr.llm.adapters import ADAPTER_DIR
 from trsr.recommend.config import TrainConfig, ValidFn
-from trsr.recommend.train_data import StepFiller, TrainingRow, collate, micro_batches, mix_seed, weighted_loss_sum
+from trsr.recommend.train_data import TrainingRow, mix_seed
+from trsr.recommend.train_steps import StepFiller, collate, micro_batches, weighted_loss_sum
 from trsr.recommend.train_model import adam_steps, deepspeed_full_state, lora_model, restore, trainee
 from trsr.recommend.train_state import (
     DEEPSPEED_DIR,
@@ -69,7 +70,7 @@ def train_loop(loop_config: dict) -> None:
     import torch.distributed as dist
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
-    from trsr.recommend.train_ingest import shard_rows
+    from trsr.recommend.train_shard import shard_rows
 
     config = TrainConfig.model_validate(loop_config["config"])
     data: dict = loop_config["data"]

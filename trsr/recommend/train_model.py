@@ -35,13 +35,13 @@ def lora_model(config: TrainConfig, device):
     adapter), its pad token id and its dtype."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from trsr.llm.models import resolve
+    from trsr.llm.tokenizer import load_tokenizer
 
     folder = resolve(config.model)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = load_tokenizer(folder).pad_token_id  # the end-of-sequence token when the model has no pad
     dtype = torch.bfloat16 if config.use_gpu else torch.float32
     # SDPA honours the 4D masks of prefix-shared rows (trsr.llm.packing).
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")

@@ -82,9 +82,11 @@ def checkpoint_uri(folder: str, epoch: int) -> str:
     return storage.join(folder, f"epoch-{epoch:03d}")
 
 
-def summarize_run(
+def training_result(
     state: dict, folder: str, config: TrainConfig, resumed_from: int = 0, wall: float = 0.0, resumed_step: int = 0
 ) -> dict:
+    """What train_lora returns: every epoch's record, the best epoch and its adapter, and
+    the throughput of the epochs this run trained."""
     history = [dict(record, checkpoint=checkpoint_uri(folder, record["epoch"])) for record in state["history"]]
     best = history[-1]
     if config.valid_metric:

@@ -1,9 +1,13 @@
 """Preference summarization: a frozen LLM turns each user's history into a summary.
 
-    prompts       templates per domain (news, shopping, generic), overridable from a file
+    config        the `summarize` section
+    prompts       templates per domain (words from trsr.domains), overridable from a file
     segment       history -> blocks of N items, with a token-budget guard
-    hierarchical  block summaries, then merges of `fan_in` nodes per level up to one
-    recurrent     summary of block 1, then update(summary, block t) for t = 2..T
-    stages        the per-level / per-step batch stages Ray Data runs (no Ray inside)
-    job           wiring: read prepared data, run the stages on Ray Data, write Parquet
+    checks        a summary's problems (empty, echo, over-length) and its sentence cut
+    state         the per-user state rows carried from step to step, and the statuses
+    render        RenderBlocks: history -> token-fitted blocks (CPU actor)
+    stages        SummarizeStage (hierarchical levels: block summaries, then merges of
+                  `fan_in` nodes; recurrent steps: update(summary, block t)), Finalize
+    refresh       --update: reuse the summaries of unchanged blocks
+    job           wiring: the runner's StageJob per mode (read Parquet, stages, write)
 """

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from trsr.config import Section
+from trsr.domains import Domain
 from trsr.llm.engine import EngineConfig, GenerationParams
 
 
@@ -45,7 +46,7 @@ class SummarizeConfig(Section):
     # Which paradigms to run: each writes summaries/<mode>/.
     modes: list[Literal["hierarchical", "recurrent"]] = ["hierarchical", "recurrent"]
     # Prompt preset (wording): news, shopping or generic.
-    domain: Literal["news", "shopping", "generic"] = "news"
+    domain: Domain = "news"
     # YAML file replacing any of the templates block / merge / update.
     prompts_file: str | None = None
     # Items per block (paper: 5).

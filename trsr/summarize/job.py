@@ -27,20 +27,13 @@ from trsr import storage
 from trsr.config import fingerprint
 from trsr.schema import LISTS, SPLITS, SUMMARIES
 from trsr.errors import ConfigError, TrsrError
-from trsr.experiment import ExperimentConfig
-from trsr.runner import Step, StageJob, run_grouping, run_stage
+from trsr.runner import RunContext, Step, StageJob, run_grouping, run_stage
 from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize import refresh
-from trsr.summarize.stages import (
-    OK,
-    UNCHANGED,
-    STATE,
-    Finalize,
-    RenderBlocks,
-    SummarizeStage,
-    steps_needed,
-)
+from trsr.summarize.render import RenderBlocks
+from trsr.summarize.stages import Finalize, SummarizeStage, steps_needed
+from trsr.summarize.state import OK, STATE, UNCHANGED
 
 log = logging.getLogger(__name__)
 SPLIT_PRIORITY = ("test", "valid", "train")
@@ -108,26 +101,25 @@ def output_folder(run: RunFolder, config: SummarizeConfig, mode: str) -> StageFo
     return run.user_summaries(mode) if config.users == "all" else run.summaries(mode)
 
 
-def settings_fingerprint(experiment: ExperimentConfig, mode: str) -> str:
+def settings_fingerprint(config: SummarizeConfig, seed: int, mode: str) -> str:
     """What decides a summary's text besides the history: an --update reuses earlier
     summaries only when this is unchanged."""
-    settings = experiment.summarize.model_dump(mode="json", exclude={"modes"})
+    settings = config.model_dump(mode="json", exclude={"modes"})
     # Resources change where the work runs, not what it produces.
     for key in ("actors", "num_cpus", "num_gpus"):
         settings["engine"].pop(key, None)
     settings.pop("max_engine_stages", None)  # how steps are grouped, not what they produce
-    return fingerprint(settings, mode, experiment.seed, LAYOUT)
+    return fingerprint(settings, mode, seed, LAYOUT)
 
 
-def stage_fingerprint(experiment: ExperimentConfig, run: RunFolder, mode: str) -> str:
+def stage_fingerprint(config: SummarizeConfig, context: RunContext, mode: str) -> str:
     # An --update computes what a full run would: the same fingerprint.
-    return fingerprint(settings_fingerprint(experiment, mode), run.prepared_fingerprint())
+    return fingerprint(settings_fingerprint(config, context.seed, mode), context.run.prepared_fingerprint())
 
 
-def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
+def summarize_job(config: SummarizeConfig, context: RunContext, mode: str) -> StageJob:
     """The runner's description of summarizing every prepared list in `mode`."""
-    config: SummarizeConfig = experiment.summarize
-    run = RunFolder(experiment.run_dir)
+    run = context.run
     run.prepared_fingerprint()  # a clear error when prepare has not run
     inputs, id_column, history_column, columns = stage_inputs(run, config.users)
     max_blocks = math.ceil(longest_history(inputs, history_column) / config.items_per_block)
@@ -147,7 +139,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
     summarize = [
         Step(
             SummarizeStage,
-            {"config": config, "mode": mode, "steps": step_list, "seed": experiment.seed},
+            {"config": config, "mode": mode, "steps": step_list, "seed": context.seed},
             STATE,
             actors=engine.actors,
             num_cpus=engine.num_cpus,
@@ -158,7 +150,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
     prompts = config.prompts()
     finalize = Step(
         Finalize,
-        {"mode": mode, "model": engine.model, "template_hash": prompts.hash, "seed": experiment.seed},
+        {"mode": mode, "model": engine.model, "template_hash": prompts.hash, "seed": context.seed},
         SUMMARIES,
         num_cpus=0.25,
     )
@@ -169,7 +161,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
         id_column=id_column,
         steps=[render, *summarize, finalize],
         batch_rows=config.users_per_batch,
-        fingerprint=stage_fingerprint(experiment, run, mode),
+        fingerprint=stage_fingerprint(config, context, mode),
         columns=columns,
         unit="users",
         block_stats=_block_stats,
@@ -178,7 +170,7 @@ def summarize_job(experiment: ExperimentConfig, mode: str) -> StageJob:
             "users": config.users,
             "steps": steps,
             "engine_stages": len(plan),
-            "settings_fingerprint": settings_fingerprint(experiment, mode),
+            "settings_fingerprint": settings_fingerprint(config, context.seed, mode),
         },
     )
 
@@ -207,26 +199,22 @@ def _value_counts(column):
     return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
 
 
-def summarize(experiment: ExperimentConfig, force: bool = False, update: bool = False) -> dict:
+def summarize(config: SummarizeConfig, context: RunContext, force: bool = False, update: bool = False) -> dict:
     """Run every configured mode; return {"modes": {mode: stats}, "skipped": bool}.
 
     `update` (summarize.users "all"): refresh the earlier user summaries incrementally
     (trsr.summarize.refresh): users whose history is unchanged keep their row, users
     with new interactions reuse the summaries of their unchanged blocks."""
-    from trsr.runner import RunnerConfig
-
-    config: SummarizeConfig = experiment.summarize
-    runner: RunnerConfig = experiment.runner
     if update and config.users != "all":
         raise ConfigError("--update refreshes every user's summaries: use it with summarize.users=all (--users all)")
     out: dict = {"modes": {}}
     for mode in config.modes:
-        job = summarize_job(experiment, mode)
+        job = summarize_job(config, context, mode)
         if update:
-            job = _update_job(experiment, mode, job, force)
-        stats = run_stage(job, runner, force=force)
+            job = _update_job(context.run, mode, job, force)
+        stats = run_stage(job, context.runner, force=force)
         if update:
-            refresh.clean_up(RunFolder(experiment.run_dir), mode)
+            refresh.clean_up(context.run, mode)
         seconds = stats.get("seconds") or 0.0
         computed = stats.get("rows_computed", 0)
         stats.setdefault("ok", stats.get("status", {}).get(OK, 0))
@@ -238,10 +226,9 @@ def summarize(experiment: ExperimentConfig, force: bool = False, update: bool = 
     return out
 
 
-def _update_job(experiment: ExperimentConfig, mode: str, job: StageJob, force: bool) -> StageJob:
+def _update_job(run: RunFolder, mode: str, job: StageJob, force: bool) -> StageJob:
     """`job` reading each user's new history beside their earlier row (refresh module),
     or `job` unchanged when there is nothing earlier to reuse."""
-    run = RunFolder(experiment.run_dir)
     if not force and job.folder.is_complete(job.fingerprint):
         return job  # up to date: run_stage skips it
     previous = refresh.set_aside(run, mode, job.fingerprint)

@@ -21,38 +21,20 @@ from pathlib import Path
 
 import yaml
 
+from trsr.domains import DOMAIN_WORDS, DOMAINS
 from trsr.errors import ConfigError
 
 REQUIRED = {"block": ("{items}",), "merge": ("{summaries}",), "update": ("{summary}", "{items}")}
 
-_DOMAINS = {
-    "news": dict(
-        what="news articles this user read",
-        interests="news reading interests",
-        noun="articles",
-    ),
-    "shopping": dict(
-        what="products this user bought",
-        interests="shopping preferences",
-        noun="products",
-    ),
-    "generic": dict(
-        what="items this user interacted with",
-        interests="preferences",
-        noun="items",
-    ),
-}
-
-
 def _preset(domain: str) -> dict[str, str]:
-    d = _DOMAINS[domain]
+    d = DOMAIN_WORDS[domain]
     return {
         "block": (
             f"Here are {d['what']}, oldest first.\n\n"
             "{items}\n\n"
             f"In two to four sentences, describe this user's {d['interests']}: the topics, "
-            f"kinds of {d['noun']} and details they seem to care about. Describe the user; "
-            f"do not list the {d['noun']} one by one."
+            f"kinds of {d['items']} and details they seem to care about. Describe the user; "
+            f"do not list the {d['items']} one by one."
         ),
         "merge": (
             f"Here are summaries of one user's {d['interests']}, each covering a later "
@@ -65,7 +47,7 @@ def _preset(domain: str) -> dict[str, str]:
         "update": (
             f"Here is a summary of a user's {d['interests']} so far.\n\n"
             "Summary: {summary}\n\n"
-            f"Then the user had these {d['noun']}, oldest first:\n\n"
+            f"Then the user had these {d['items']}, oldest first:\n\n"
             "{items}\n\n"
             f"Write an updated concise summary (two to four sentences) of the user's "
             f"{d['interests']} that takes both into account: keep lasting interests, add new "
@@ -74,8 +56,6 @@ def _preset(domain: str) -> dict[str, str]:
         ),
     }
 
-
-DOMAINS = tuple(_DOMAINS)
 
 
 @dataclass(frozen=True)
@@ -106,7 +86,7 @@ def numbered(lines: list[str], blank_line: bool = False) -> str:
 
 def load_prompts(domain: str, override_file: str | None = None) -> PromptSet:
     """The preset for `domain`, with templates replaced from `override_file` if given."""
-    if domain not in _DOMAINS:
+    if domain not in DOMAIN_WORDS:
         raise ConfigError(f"summarize.domain: unknown domain {domain!r}; one of {DOMAINS}")
     templates = _preset(domain)
     if override_file:

@@ -33,18 +33,8 @@ import pyarrow as pa
 from trsr import storage
 from trsr.runner import GroupJob, Source, Step, shuffle_partitions
 from trsr.runs import RunFolder, StageFolder, remove
-from trsr.schema import SUMMARIES
+from trsr.schema import PREVIOUS, SUMMARIES, UPDATE_INPUT
 
-# Every field nullable: a user without an earlier row has a null struct.
-PREVIOUS = pa.struct([field.with_nullable(True) for field in SUMMARIES])
-# The rows of the grouping pass, and the summarize stage's input in an update.
-UPDATE_INPUT = pa.schema(
-    [
-        pa.field("user_id", pa.string()),
-        pa.field("item_ids", pa.list_(pa.string())),
-        pa.field("previous", PREVIOUS),  # the user's earlier row (null: none)
-    ]
-)
 
 
 class SequenceRows:

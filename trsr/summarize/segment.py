@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-from trsr.data.text import render_item
+from trsr.data.text import MIN_CHARS, SHRINK, render_item, scaled_caps
 from trsr.summarize.prompts import numbered
 
 Attributes = Sequence[Mapping[str, str]]
-SHRINK = 0.6  # each round keeps 60% of the previous character caps
-MIN_CHARS = 24  # no attribute is shortened below this
 
 
 class PromptTooLong(ValueError):
@@ -35,14 +33,6 @@ def blocks_of(items: Sequence, size: int) -> list[list]:
 
 def render_items(items: Sequence[Attributes], caps: Mapping[str, int] | None) -> str:
     return numbered([render_item(attributes, caps) for attributes in items])
-
-
-def scaled_caps(
-    names: set[str], default_chars: int, per_attribute: Mapping[str, int], scale: float, min_chars: int
-) -> dict[str, int]:
-    return {
-        name: max(min_chars, int(per_attribute.get(name, default_chars) * scale)) for name in names
-    }
 
 
 def fit_prompt(

@@ -1,17 +1,20 @@
 """Converters from each dataset's own format to the canonical tables.
 
 `convert(source)` dispatches on `source.format` to `trsr.data.converters.<format>`,
-whose `convert(source) -> ConvertedDataset` reads the raw files. Add a format by
-adding a module with that function and a config class in `trsr.config`.
+whose `convert(source) -> ConvertedDataset` reads the raw files and whose config
+class (`MindSource`, ...) declares the source's fields. Add a format by adding a
+module with both, its name to SOURCE_FORMATS, and its class to the `Source` union in
+`trsr.data.config`.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from trsr.config import SOURCE_FORMATS
 from trsr.data.converters.base import ConvertedDataset
 from trsr.errors import ConfigError
+
+SOURCE_FORMATS = ("mind", "amazon_m2", "recbole", "generic")
 
 
 def convert(source) -> ConvertedDataset:
@@ -21,4 +24,4 @@ def convert(source) -> ConvertedDataset:
     return module.convert(source)
 
 
-__all__ = ["convert", "ConvertedDataset"]
+__all__ = ["convert", "ConvertedDataset", "SOURCE_FORMATS"]

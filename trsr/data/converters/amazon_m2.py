@@ -17,27 +17,24 @@ and ids become "<id>@<locale>" in both tables.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from trsr.config import AmazonM2Source
+from trsr.config import Section
 from trsr.data.converters.base import (
     CONVERT,
     ConvertedDataset,
+    attribute_map,
+    check_attribute_list,
     drop_unknown_items,
     items_from_frame,
     reject_duplicate_ids,
     sequences_from_frame,
 )
-from trsr.data.converters.generic import (
-    attribute_map,
-    check_attribute_list,
-    reject_blank,
-    reject_where,
-    rejected_records,
-    resolve,
-)
+from trsr.data.converters.tables import reject_blank, reject_where, rejected_records, resolve
 from trsr.data.io import ROW, read_delimited
 from trsr.data.rejects import Rejects
 from trsr.errors import ConfigError
@@ -53,6 +50,20 @@ _ID = r"'[^'\s]+'"
 # numpy separates ids by whitespace (newlines when wrapped); a Python list repr by ", ".
 _SEP = r"(?:\s*,\s*|\s+)"
 PREV_ITEMS = rf"^\[\s*(?:{_ID}(?:{_SEP}{_ID})*)?\s*\]$"
+
+
+class AmazonM2Source(Section):
+    """Amazon-M2 (KDD Cup 2023): sessions_train.csv + products_train.csv."""
+
+    format: Literal["amazon_m2"] = "amazon_m2"
+    path: str
+    sessions: str = "sessions_train.csv"
+    products: str = "products_train.csv"
+    # Keep one locale (product ids are per locale); null keeps all (ids become id@locale).
+    locale: str | None = "UK"
+    attributes: list[str] = [
+        "title", "price", "brand", "color", "size", "model", "material", "author", "desc", "locale",
+    ]
 
 
 def session_user_id(row: pl.Expr) -> pl.Expr:

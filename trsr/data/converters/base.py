@@ -11,6 +11,8 @@ Accounting rule every converter keeps: each input user (or session) is either in
 sequences that are absent from the catalogue are removed from the sequence and each
 occurrence is recorded as a reject (reason "unknown item id"), counted in
 `counts["unknown_item_occurrences"]`.
+
+Reading input files and rejecting bad rows: `trsr.data.converters.tables`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
+from trsr.data.io import ROW
 from trsr.data.rejects import Rejects
+from trsr.errors import ConfigError, InputFileError
 from trsr.schema import ITEMS, SEQUENCES, conform
 
 CONVERT = "convert"  # the stage name in rejects
@@ -161,22 +165,35 @@ def drop_unknown_items(
     return out.sort("_seq").drop("_seq"), unknown.height
 
 
-def reject_users(
-    frame: pl.DataFrame, condition: pl.Expr, reason: str, source: str, rejects: Rejects
-) -> pl.DataFrame:
-    """Send users matching `condition` to rejects with `reason`; return the others."""
-    bad = frame.filter(condition)
-    if bad.height:
-        rejects.add_table(
-            bad.select(
-                pl.lit(CONVERT).alias("stage"),
-                pl.lit(source).alias("source"),
-                (pl.col("row").cast(pl.Int64) if "row" in bad.columns else pl.lit(None, pl.Int64)).alias("row"),
-                pl.lit(reason).alias("reason"),
-                pl.col("user_id").cast(pl.Utf8),
-            ).to_arrow()
+_IDS_PER_BATCH = 4_000_000
+
+
+def drop_unknown_items_batched(
+    frame: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects, field_name: str
+) -> tuple[pl.DataFrame, int]:
+    """drop_unknown_items, run only on the records that hold an unknown id.
+
+    Exploding every history costs memory; most records (all, on the full MIND
+    releases) are clean, so a cheap per-list test sets them aside first.
+    """
+    unknown = pl.col("item_ids").list.eval(pl.element().is_in(known.implode()).not_()).list.any()
+    frame = frame.with_columns(unknown.alias("_unknown"))
+    dirty = frame.filter(pl.col("_unknown")).drop("_unknown")
+    if dirty.height == 0:
+        return frame.drop("_unknown"), 0
+    clean = frame.filter(pl.col("_unknown").not_()).drop("_unknown")
+    del frame
+    # In slices of about _IDS_PER_BATCH ids: exploding them all at once costs GiBs.
+    mean_length = max(1.0, dirty.get_column("item_ids").list.len().mean() or 1.0)
+    step = max(1, int(_IDS_PER_BATCH / mean_length))
+    parts, removed = [clean], 0
+    for start in range(0, dirty.height, step):
+        cleaned, count = drop_unknown_items(
+            dirty.slice(start, step), known, path, rejects, field_name=field_name
         )
-    return frame.filter(condition.not_())
+        parts.append(cleaned.select(clean.columns))
+        removed += count
+    return pl.concat(parts, how="vertical"), removed
 
 
 _DISPLAY_NAMES = {"desc": "Description"}
@@ -193,3 +210,90 @@ def display_name(column: str) -> str:
         return special
     words = " ".join(column.replace("_", " ").replace("-", " ").split())
     return words[:1].upper() + words[1:] if words else column
+
+
+# ------------------------------------------------------------- sequences, attributes
+
+
+def group_interactions(
+    frame: pl.DataFrame,
+    *,
+    user_column: str,
+    item_column: str,
+    time_column: str | None,
+    known_item_ids: pl.Series,
+    source: str,
+    rejects: Rejects,
+) -> tuple[pl.DataFrame, int]:
+    """One row per user (sorted by user id): item_ids and timestamps in time order.
+
+    `frame` holds one interaction per row with text user/item columns, `row`, and
+    when `time_column` is set an Int64 column of that name. Items absent from the
+    catalogue are removed, each occurrence a reject with its row number (field
+    `item_column`); users left with no items keep an empty sequence.
+    Returns (user_id, item_ids, timestamps) and the number of unknown occurrences.
+    """
+    order = [user_column] + ([time_column] if time_column else [])
+    ordered = frame.sort(order, maintain_order=True)  # stable: ties keep file order
+    wrapped = ordered.select(
+        pl.col(user_column).alias("user_id"),
+        pl.concat_list(pl.col(item_column)).alias("item_ids"),
+        *([pl.concat_list(pl.col(time_column)).alias("timestamps")] if time_column else []),
+        pl.col(ROW),
+    )
+    cleaned, unknown = drop_unknown_items(
+        wrapped, known_item_ids, source, rejects, field_name=item_column
+    )
+    lists = [pl.col("item_ids").explode().drop_nulls()]
+    if time_column:
+        lists.append(pl.col("timestamps").explode().drop_nulls())
+    grouped = cleaned.group_by("user_id", maintain_order=True).agg(lists)
+    if not time_column:
+        grouped = grouped.with_columns(pl.lit(None, pl.List(pl.Int64)).alias("timestamps"))
+    return grouped.sort("user_id", maintain_order=True), unknown
+
+
+def choose_attributes(requested: list[str] | None, available: list[str], what: str) -> list[str]:
+    """The attribute columns to use: `requested` (checked) or all `available`."""
+    if requested is None:
+        if not available:
+            raise InputFileError(f"{what}: no attribute columns besides the item id")
+        return list(available)
+    check_attribute_list(requested, available, what)
+    return list(requested)
+
+
+def check_attribute_list(requested: list[str], available: list[str] | tuple[str, ...],
+                         what: str) -> None:
+    """ConfigError for an empty list, an unknown name or a name listed twice."""
+    unknown = [name for name in requested if name not in available]
+    if unknown:
+        raise ConfigError(
+            f"prepare.source.attributes: unknown attribute(s) {unknown} for {what}; "
+            f"available: {list(available)}"
+        )
+    if not requested:
+        raise ConfigError(
+            f"prepare.source.attributes: empty; name at least one of {list(available)}"
+        )
+    repeated = sorted({name for name in requested if requested.count(name) > 1})
+    if repeated:
+        raise ConfigError(f"prepare.source.attributes: {repeated} listed more than once")
+
+
+def attribute_map(columns: list[str]) -> dict[str, str]:
+    """{display name: column}, in order; two columns with one display name are an error."""
+    out: dict[str, str] = {}
+    for column in columns:
+        name = display_name(column)
+        if name in out:
+            raise ConfigError(
+                f"prepare.source.attributes: {out[name]!r} and {column!r} would both be "
+                f"shown as {name!r}"
+            )
+        out[name] = column
+    return out
+
+
+def user_counts(users_in: int, sequences: pl.DataFrame) -> dict[str, int]:
+    return {"users_in": users_in, "users_rejected": users_in - sequences.height}

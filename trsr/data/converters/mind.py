@@ -21,22 +21,26 @@ run over rejected rows, never over the input.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import polars as pl
 import pyarrow as pa
+from pydantic import Field
 
 from trsr import storage
-from trsr.config import MindSource
+from trsr.config import Section
 from trsr.data.converters.base import (
     CONVERT,
     ConvertedDataset,
-    drop_unknown_items,
+    drop_unknown_items_batched,
     items_from_frame,
     reject_duplicate_ids,
     sequences_from_frame,
 )
-from trsr.data.io import ROW, read_delimited, require_file
+from trsr.data.converters.tables import distinct_rows, read_tsv, require_nonempty
+from trsr.data.io import ROW, require_file
 from trsr.data.rejects import Rejects
-from trsr.errors import ConfigError, InputFileError
+from trsr.errors import ConfigError
 
 BEHAVIOR_COLUMNS = ["impression_id", "user_id", "time", "history", "impressions"]
 NEWS_COLUMNS = [
@@ -65,12 +69,22 @@ _IMPRESSIONS_VALID = rf"^\s*(?:{_TOKEN}(?:\s+|$))*$"
 # On a validated field every "-1" ends a clicked token.
 _CLICKED = r"[^\s-]+-1"
 _IDS = r"\S+"
-_IDS_PER_BATCH = 4_000_000
 
 REASON_EMPTY_USER = "empty user id"
 REASON_BAD_TIME = "unparseable time (expected M/D/YYYY H:MM:SS AM/PM)"
 REASON_BAD_TOKEN = "malformed impression token (expected <news id>-1, <news id>-0 or <news id>)"
 REASON_EMPTY_NEWS = "empty news id"
+
+
+class MindSource(Section):
+    """MIND: `behaviors.tsv` + `news.tsv` (tab separated, no header)."""
+
+    format: Literal["mind"] = "mind"
+    path: str = Field(description="folder holding the two files")
+    behaviors: str = "behaviors.tsv"
+    news: str = "news.tsv"
+    # Rendered in this order; any of category, subcategory, title, abstract.
+    attributes: list[str] = ["category", "subcategory", "title"]
 
 
 def convert(source: MindSource) -> ConvertedDataset:
@@ -79,7 +93,7 @@ def convert(source: MindSource) -> ConvertedDataset:
     news_path = storage.join(source.path, source.news)
     for path, what in ((behaviors_path, "MIND behaviors"), (news_path, "MIND news")):
         require_file(path, what)
-        _require_nonempty(path)
+        require_nonempty(path)
 
     rejects = Rejects()
     items, item_counts = _convert_news(news_path, attributes, rejects)
@@ -117,41 +131,6 @@ def _attribute_columns(names: list[str]) -> dict[str, str]:
     return {ATTRIBUTE_NAMES[name]: name for name in names}
 
 
-def _require_nonempty(path: str) -> None:
-    try:
-        size = storage.fsspec_filesystem(path).size(str(path))
-    except (OSError, FileNotFoundError) as error:  # pragma: no cover - racing deletion
-        raise InputFileError(f"{path}: cannot read ({error})") from error
-    if not size:
-        raise InputFileError(f"{path}: file is empty")
-
-
-def _read(path: str, columns: list[str], what: str) -> tuple[pa.Table, pa.Table]:
-    """read_delimited with its rejects kept apart: (kept rows, reject rows)."""
-    read_rejects = Rejects()
-    table = read_delimited(
-        path,
-        columns=columns,
-        delimiter="\t",
-        stage=CONVERT,
-        rejects=read_rejects,
-        quoted=False,
-        what=what,
-    )
-    rejected = read_rejects.table()
-    if table.num_rows == 0 and rejected.num_rows == 0:
-        raise InputFileError(f"{path}: file is empty (no records)")
-    return table, rejected
-
-
-def _distinct_rows(rejected: pl.DataFrame) -> int:
-    """Records behind a set of rejects (a record may have several bad fields)."""
-    if rejected.height == 0:
-        return 0
-    rows = rejected.get_column("row")
-    return rows.drop_nulls().n_unique() + rows.null_count()
-
-
 def _id_from_raw(raw: pl.Expr, index: int) -> pl.Expr:
     """Field `index` of a malformed record's raw text, or null if absent or blank."""
     value = raw.str.split("\t").list.get(index, null_on_oob=True).str.strip_chars()
@@ -162,7 +141,7 @@ def _id_from_raw(raw: pl.Expr, index: int) -> pl.Expr:
 
 
 def _convert_news(path: str, attributes: dict[str, str], rejects: Rejects) -> tuple[pa.Table, dict]:
-    table, read_rejected = _read(path, NEWS_COLUMNS, "MIND news")
+    table, read_rejected = read_tsv(path, NEWS_COLUMNS, "MIND news")
     read_rejected = pl.from_arrow(read_rejected)
     # Name the news id of a record with the wrong field count when it is readable.
     read_rejected = read_rejected.with_columns(
@@ -172,7 +151,7 @@ def _convert_news(path: str, attributes: dict[str, str], rejects: Rejects) -> tu
         .alias("item_id")
     )
     rejects.add_table(read_rejected.to_arrow())
-    rejected_rows = _distinct_rows(read_rejected)
+    rejected_rows = distinct_rows(read_rejected)
 
     needed = ["news_id", *dict.fromkeys(attributes.values()), ROW]
     frame = pl.from_arrow(table.select(needed))
@@ -207,12 +186,12 @@ def _convert_news(path: str, attributes: dict[str, str], rejects: Rejects) -> tu
 
 
 def _convert_behaviors(path: str, known: pl.Series, rejects: Rejects) -> tuple[pa.Table, dict]:
-    table, read_rejected = _read(path, BEHAVIOR_COLUMNS, "MIND behaviors")
+    table, read_rejected = read_tsv(path, BEHAVIOR_COLUMNS, "MIND behaviors")
     read_rejected = _name_rejected_users(path, pl.from_arrow(read_rejected))
     rejects.add_table(read_rejected.to_arrow())
 
     frame = pl.from_arrow(table.select(["user_id", "time", "history", "impressions", ROW]))
-    rows_in = frame.height + _distinct_rows(read_rejected)
+    rows_in = frame.height + distinct_rows(read_rejected)
     del table
 
     # Row-level checks, all vectorised: user id, time, impression tokens.
@@ -371,34 +350,6 @@ def _user_ids_of_records(path: str, records: set[int]) -> dict[int, str]:
     return found
 
 
-def _drop_unknown(
-    frame: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects, field_name: str
-) -> tuple[pl.DataFrame, int]:
-    """drop_unknown_items, run only on the records that hold an unknown id.
-
-    Exploding every history costs memory; most records (all, on the full MIND
-    releases) are clean, so a cheap per-list test sets them aside first.
-    """
-    unknown = pl.col("item_ids").list.eval(pl.element().is_in(known.implode()).not_()).list.any()
-    frame = frame.with_columns(unknown.alias("_unknown"))
-    dirty = frame.filter(pl.col("_unknown")).drop("_unknown")
-    if dirty.height == 0:
-        return frame.drop("_unknown"), 0
-    clean = frame.filter(pl.col("_unknown").not_()).drop("_unknown")
-    del frame
-    # In slices of about _IDS_PER_BATCH ids: exploding them all at once costs GiBs.
-    mean_length = max(1.0, dirty.get_column("item_ids").list.len().mean() or 1.0)
-    step = max(1, int(_IDS_PER_BATCH / mean_length))
-    parts, removed = [clean], 0
-    for start in range(0, dirty.height, step):
-        cleaned, count = drop_unknown_items(
-            dirty.slice(start, step), known, path, rejects, field_name=field_name
-        )
-        parts.append(cleaned.select(clean.columns))
-        removed += count
-    return pl.concat(parts, how="vertical"), removed
-
-
 def _histories(kept: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects) -> tuple[pl.DataFrame, int]:
     """user_id, item_ids: the history of each user's earliest row, unknown ids removed."""
     earliest = kept.group_by("user_id").agg(
@@ -412,7 +363,7 @@ def _histories(kept: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects
         pl.col(ROW).alias("row"),
         pl.col("history").str.extract_all(_IDS).alias("item_ids"),
     )
-    histories, unknown = _drop_unknown(histories, known, path, rejects, "history")
+    histories, unknown = drop_unknown_items_batched(histories, known, path, rejects, "history")
     return histories.select("user_id", "item_ids"), unknown
 
 
@@ -429,7 +380,7 @@ def _clicks(kept: pl.DataFrame, known: pl.Series, path: str, rejects: Rejects) -
         pl.col("item_ids").list.eval(pl.element().str.head(-2)),
         pl.col("ts").repeat_by(pl.col("item_ids").list.len()).alias("timestamps"),
     )
-    rows, unknown = _drop_unknown(rows, known, path, rejects, "impressions")
+    rows, unknown = drop_unknown_items_batched(rows, known, path, rejects, "impressions")
     clicks = (
         rows.sort("user_id", "ts", "_idx")
         .select("user_id", "item_ids", "timestamps")

@@ -17,33 +17,43 @@ there is no timestamp column), with timestamps as unix seconds.
 from __future__ import annotations
 
 import posixpath
+from typing import Literal
 
 import polars as pl
 
 from trsr import storage
-from trsr.config import RecBoleSource
+from trsr.config import Section
 from trsr.data.converters.base import (
     CONVERT,
     ConvertedDataset,
+    attribute_map,
+    choose_attributes,
     drop_unknown_items,
+    group_interactions,
     items_from_frame,
     reject_duplicate_ids,
     sequences_from_frame,
 )
-from trsr.data.converters.generic import (
-    attribute_map,
-    choose_attributes,
-    group_interactions,
-    reject_blank,
-    reject_where,
-    rejected_records,
-    unix_seconds,
-)
+from trsr.data.converters.tables import reject_blank, reject_where, rejected_records, unix_seconds
 from trsr.data.io import ROW, read_delimited
 from trsr.data.rejects import Rejects
 from trsr.errors import InputFileError
 
 USER, ITEM, ITEM_LIST, TIME = "user_id", "item_id", "item_id_list", "timestamp"
+
+
+class RecBoleSource(Section):
+    """RecBole atomic files: `<name>.item` plus `<name>.inter` or `<name>.test.inter`."""
+
+    format: Literal["recbole"] = "recbole"
+    path: str
+    # File stem; inferred when the folder holds one dataset.
+    dataset: str | None = None
+    # Interaction file suffix: "test.inter" (history list + next item) or "inter"
+    # (user, item, timestamp rows); null picks test.inter when present.
+    inter: str | None = None
+    # Item columns (names without the ":type" suffix); null = every text column.
+    attributes: list[str] | None = None
 
 
 def convert(source: RecBoleSource) -> ConvertedDataset:
