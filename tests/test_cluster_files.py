@@ -64,3 +64,13 @@ def test_the_image_installs_the_lock_and_the_cluster_files_use_that_image():
     # no credentials in the job's runtime env (job metadata)
     runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
     assert not {k for k in runtime_env.get("env_vars", {}) if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
+
+
+def test_submitted_jobs_are_as_quiet_as_local_ones():
+    """The runtime env of `ray job submit` sets the same worker hook and quiet settings
+    that the local cluster gets from init_ray."""
+    from trsr.ray_utils import QUIET_ENV
+
+    runtime_env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    assert runtime_env["worker_process_setup_hook"] == "trsr.ray_utils.quiet_worker"
+    assert {k: runtime_env["env_vars"].get(k) for k in QUIET_ENV} == QUIET_ENV

@@ -34,3 +34,37 @@ def test_local_workers_inherit_credentials_that_the_runtime_env_does_not_carry()
     assert result["worker"] == secret
     assert secret not in json.dumps(result["runtime_env"]) and "fake-id" not in json.dumps(result["runtime_env"])
     assert result["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"  # settings still travel
+
+
+def test_quiet_console_keeps_warnings_and_drops_the_progress_bar_notice():
+    import logging
+
+    from trsr.ray_utils import quiet_ray_data_console
+
+    quiet_ray_data_console()
+    consoles = [h for h in logging.getLogger("ray.data").handlers if "File" not in type(h).__name__]
+    assert consoles, "Ray Data has a console handler"
+    for handler in consoles:
+        assert handler.level == logging.WARNING
+        notice = logging.LogRecord("ray.data", logging.WARNING, "", 0, "Progress bars disabled. To enable ...", None, None)
+        real = logging.LogRecord("ray.data", logging.WARNING, "", 0, "a real warning", None, None)
+        assert handler.filter(notice) is False and bool(handler.filter(real))
+
+
+def test_only_the_placement_group_cleaner_thread_crash_is_silenced(monkeypatch):
+    import threading
+
+    from trsr.ray_utils import _ignore_placement_group_cleaner_crash
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.thread.name))
+    _ignore_placement_group_cleaner_crash()
+
+    def crash():
+        raise KeyError("gone")
+
+    for name in ("PlacementGroupCleanerMonitor", "ours"):
+        thread = threading.Thread(target=crash, name=name)
+        thread.start()
+        thread.join()
+    assert seen == ["ours"]

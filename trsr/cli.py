@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from trsr.cli_parser import build_parser
 from trsr.data.config import SyntheticConfig
 from trsr.experiment import ExperimentConfig
 from trsr.errors import TrsrError
+from trsr.ray_utils import VERBOSE_ENV, quiet_logs
 
 def _experiment_from_args(args: argparse.Namespace) -> ExperimentConfig:
     base: dict = {}
@@ -183,10 +185,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # read by init_ray, also in the workers it starts
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    quiet_logs()
     handlers = {
         ("data", "generate"): _cmd_generate,
         ("data", "prepare"): _cmd_prepare,

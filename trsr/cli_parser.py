@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"trsr {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="keep the libraries' own logs (Ray, Ray Data, Ray Train, vLLM, transformers)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     data = commands.add_parser("data", help="dataset commands: generate, prepare, stats",

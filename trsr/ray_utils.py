@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
+import warnings
 from dataclasses import dataclass
 
 from trsr.errors import ConfigError
@@ -20,6 +22,39 @@ log = logging.getLogger(__name__)
 # several stages starves unless Ray advertises more logical CPUs than cores.
 MIN_LOCAL_CPUS = 8
 
+# Quiet by default: what the libraries print in every worker (weight-loading bars,
+# vLLM's per-weight lines, Ray Train's and Ray Data's INFO lines) buries the job's
+# own progress lines. `trsr --verbose` (TRSR_VERBOSE=1) keeps them all. Ray still
+# writes every worker's full log under its session folder (/tmp/ray/session_*/logs).
+VERBOSE_ENV = "TRSR_VERBOSE"
+QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+}
+QUIET_LOGGERS = {
+    "ray.train": logging.WARNING,
+    "ray.tune": logging.WARNING,
+    "ray.air": logging.WARNING,
+    "vllm": logging.WARNING,
+    "transformers": logging.ERROR,
+    "deepspeed": logging.WARNING,
+    "filelock": logging.WARNING,
+}
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+def quiet_logs() -> None:
+    """Library loggers to warnings only, in this process (unless verbose)."""
+    if verbose():
+        return
+    for name, level in QUIET_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
 
 def init_ray(local_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (ray job submit), or start a local one."""
@@ -27,8 +62,23 @@ def init_ray(local_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet = not verbose()
+    if quiet:
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)  # the driver, and the local cluster's workers
+        quiet_logs()
+    if quiet:
+        import ray.data
+
+        quiet_ray_data_console()
+        # The stage runner prints its own progress lines; Ray Data's bars (also the one
+        # of its Parquet metadata sampling) are off in every pipeline of this process.
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        # Ray Train passes Ray Data an option Ray Data itself deprecated (Ray 2.60).
+        warnings.filterwarnings("ignore", message=r".*exclude_resources.*deprecated")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        # A submitted job's workers are quieted by its runtime env (cluster/runtime_env.yaml).
+        ray.init(log_to_driver=True, logging_level=logging.WARNING if quiet else logging.INFO)
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = local_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
@@ -44,26 +94,62 @@ def init_ray(local_cpus: int | None = None) -> None:
             "AWS_DEFAULT_REGION",
             "VLLM_CPU_KVCACHE_SPACE",
             "VLLM_CPU_OMP_THREADS_BIND",
+            VERBOSE_ENV,
+            *QUIET_ENV,
         )
         if key in os.environ
     }
-    runtime_env: dict = {"worker_process_setup_hook": "trsr.ray_utils.quiet_local_ray"}
+    runtime_env: dict = {"worker_process_setup_hook": "trsr.ray_utils.quiet_worker"}
     if env_vars:
         runtime_env["env_vars"] = env_vars
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    ray.init(
+        num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
+        logging_level=logging.WARNING if quiet else logging.INFO,
+    )
     log.info("started a local Ray cluster with %d logical CPUs", cpus)
 
 
-def quiet_local_ray() -> None:
-    """Worker set-up hook of the local cluster (runs in every Ray worker process).
+def quiet_ray_data_console() -> None:
+    """Ray Data's console handler to warnings; its log file (ray-data.log in the Ray
+    session folder) keeps everything. Ray Data sets up its own handlers when imported,
+    replacing levels set before, hence after the import."""
+    import ray.data  # configures Ray Data's logging
+
+    for handler in logging.getLogger(ray.data.__name__).handlers:
+        if not isinstance(handler, logging.FileHandler) and "File" not in type(handler).__name__:
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(_no_progress_bar_notice)
+
+
+def _no_progress_bar_notice(record: logging.LogRecord) -> bool:
+    # The stage runner turns Ray Data's progress bars off and prints its own progress
+    # lines; Ray Data warns once per process that its bars are off.
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
+def quiet_worker() -> None:
+    """Worker set-up hook (runs in every Ray worker process; the local cluster sets it,
+    a submitted job sets it in its runtime env): library loggers to warnings unless
+    verbose (QUIET_LOGGERS).
 
     The local cluster starts without Ray's dashboard (seconds and a few hundred MB less
     on a laptop), so Ray's State API is unavailable there. Ray Train's detached
     PlacementGroupCleaner polls that API every second while a training run lasts and
     logs a warning each time it cannot ("Failed to query Ray Train Controller actor
-    state"), hundreds of lines per run that bury the job's own output. On a real
-    cluster (dashboard up) the poll succeeds and nothing is silenced."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    state"), hundreds of lines per run that bury the job's own output, and a traceback
+    when the cluster stops under it. On a real cluster (dashboard up) the poll succeeds."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.CRITICAL)
+    _ignore_placement_group_cleaner_crash()
+    quiet_logs()
+    if not verbose():
+        quiet_ray_data_console()  # Ray Train's dataset coordinator runs Ray Data in a worker
+        # Ray Train's per-report INFO line comes from a logger named by its file path,
+        # which Ray Train's LoggingConfig does not reach.
+        import importlib.util
+
+        spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+        if spec is not None and spec.origin:
+            logging.getLogger(spec.origin).setLevel(logging.WARNING)
 
 
 def require_resources(what: str, gpus: float = 0.0, cpus: float = 0.0) -> None:
@@ -127,3 +213,18 @@ class ClusterShape:
         if None not in cpus:
             shape += f" x {next(iter(cpus)):g} CPUs" if len(cpus) == 1 else f", {sum(c for _, c in self.nodes):g} CPUs"
         return f"{self.label} ({shape})" if self.label and self.label != shape else shape
+
+
+def _ignore_placement_group_cleaner_crash() -> None:
+    """Ray Train's PlacementGroupCleaner monitor thread dies with a traceback when the
+    State API is unreachable (no dashboard on the local cluster, or the cluster stopping
+    under it at the end of a run); the run itself is unaffected. Only that thread's
+    exceptions are dropped; every other thread keeps Python's default hook."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.thread is not None and args.thread.name.startswith("PlacementGroupCleaner"):
+            return
+        default(args)
+
+    threading.excepthook = hook

@@ -161,3 +161,20 @@ def test_the_report_shows_the_summaries_health_and_the_run_behind_it(tmp_path):
     assert "- llm-trsr-recurrent: model smollm2-135m-instruct, adapter /x/adapter" in md
     assert "stage seconds: summarize recurrent 123, score llm-trsr-recurrent 56" in md
     assert "## Run" in md and "written " in md
+
+
+def test_methods_are_grouped_by_family_and_every_method_has_its_own_colour():
+    from trsr.evaluate.chart import method_colours
+    from trsr.evaluate.examples import by_family
+
+    families = {
+        "random": "trivial", "llm-trsr-hierarchical": "llm", "ncf": "ctr", "gru4rec": "sequential",
+        "popularity": "trivial", "din": "ctr", "dien": "ctr", "narm": "sequential", "sasrec": "sequential",
+        "core": "sequential", "llm-trsr-recurrent": "llm", "mine": "other",
+    }
+    assert by_family(families) == [
+        "llm-trsr-hierarchical", "llm-trsr-recurrent", "gru4rec", "narm", "sasrec", "core",
+        "ncf", "din", "dien", "random", "popularity", "mine",
+    ]
+    colours = method_colours(families)
+    assert len(set(colours.values())) == len(families)  # 12 methods, 12 colours

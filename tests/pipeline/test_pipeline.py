@@ -51,6 +51,16 @@ def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
     for stage in ("prepare", "summarize hierarchical", "train llm-trsr-hierarchical", "score llm-trsr-recurrent"):
         assert seconds.get(stage, 0) > 0, (stage, seconds)
     assert report["run"]["models"]["llm-trsr-hierarchical"]["adapter"]
+    # two example users, drawn from the test lists: each method's ranking marks exactly
+    # one positive, and the summary each variant read is shown
+    examples = report["examples"]
+    assert len(examples) == 2 and {e["list_id"] for e in examples} <= test_lists
+    for example in examples:
+        assert set(example["ranked"]) == set(report["methods"])
+        assert all(sum(r["positive"] for r in rows) == 1 for rows in example["ranked"].values())
+        assert set(example["summaries"]) <= {"hierarchical", "recurrent"} and example["recent_items"]
+    assert {row["family"] for row in report["methods"].values()} == {"llm"}
+    assert "## Example users" in markdown and "(positive)" in markdown
     assert storage.read_bytes(storage.join(run.root, "report", "test.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(storage.read_bytes(storage.join(run.root, "report", "test.json")))["lists"] == len(test_lists)
 

@@ -173,6 +173,7 @@ def _write(
     stats: dict[str, Any] = {
         "method": method,
         "model": out["model"],
+        "family": NEURAL_MODELS.get(out["model"], "trivial"),  # the report's grouping
         "seconds": out["seconds"],
         "training": out["training"],
         "encoder": config.encoder.model if out["model"] in NEURAL_MODELS else None,

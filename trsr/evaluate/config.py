@@ -23,6 +23,9 @@ class EvaluateConfig(Section):
     methods: list[str] | None = None
     # Also draw report/<split>.png.
     chart: bool = True
+    # Example users in the report (seeded draw of the lists): recent items, summaries,
+    # each method's top candidates with p(yes), the positive marked; 0 = none.
+    examples: int = Field(2, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

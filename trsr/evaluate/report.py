@@ -13,7 +13,6 @@ metrics, so the seeded tie-breaking does not depend on the order rows were writt
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 
@@ -24,7 +23,9 @@ import pyarrow.compute as pc
 from trsr import storage
 from trsr.schema import SCORES, SPLITS
 from trsr.errors import TrsrError
+from trsr.evaluate.chart import write_chart
 from trsr.evaluate.config import EvaluateConfig
+from trsr.evaluate.examples import by_family, example_users, markdown_examples, method_family
 from trsr.evaluate.metrics import bootstrap_ci, chance_level, mean_metrics, per_list_metrics
 from trsr.schema import SUMMARY_UNUSED as UNUSED
 from trsr.schema import lists_without_summary as count_without
@@ -77,6 +78,9 @@ def evaluate(
             f"{RunFolder(run_dir).stage_dir(RunFolder.SCORES)}: no scores for split {split!r}; run `trsr score` "
             "(or `trsr baselines`) first"
         )
+    run = context.run
+    families = {method: method_family(run, method, split) for method in methods}
+    methods = by_family(families)
     tables = {method: _read_scores(run_dir, method, split) for method in methods}
 
     coverage = {m: set(t.column("list_id").unique().to_pylist()) for m, t in tables.items()}
@@ -116,6 +120,7 @@ def evaluate(
             "users": len(set(table.column("user_id").to_pylist())),
             "candidates": table.num_rows,
             "lists_without_summary": lists_without_summary(run_dir, method, split),
+            "family": families[method],
         }
     chance = {}
     if len(list_sizes) == 1:
@@ -139,6 +144,7 @@ def evaluate(
         "chance": chance,
         "chance_note": chance_note,
         "run": run_facts(run_dir, list(rows), split),
+        "examples": example_users(run, split, tables, sorted(common), config.examples, context.seed),
     }
     if write:
         storage.write_json(result, report_path(run_dir, split, "json"))
@@ -250,7 +256,13 @@ def markdown(result: dict) -> str:
         lines.append(f"Lists scored per method (the table uses the {result['lists']} shared): {partial}")
     else:
         lines.append(f"Chance level: {result['chance_note']}.")
+    families: dict[str, list[str]] = {}
+    for method, row in result["methods"].items():
+        families.setdefault(row.get("family", "other"), []).append(method)
+    if len(families) > 1:
+        lines.append("Methods by family: " + "; ".join(f"{f} {', '.join(m)}" for f, m in families.items()) + ".")
     lines += _run_block(result.get("run") or {})
+    lines += markdown_examples(result.get("examples") or [])
     return "\n".join(lines) + "\n"
 
 
@@ -275,40 +287,6 @@ def _run_block(facts: dict) -> list[str]:
     if facts.get("stage_seconds"):
         lines.append("- stage seconds: " + ", ".join(f"{name} {seconds:,.0f}" for name, seconds in facts["stage_seconds"].items()))
     return lines
-
-
-def write_chart(result: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [f"recall@{k}" for k in result["ks"]] + [f"mrr@{k}" for k in result["ks"]]
-    methods = list(result["methods"])
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 0.3 * len(methods)), 4))
-    for i, method in enumerate(methods):
-        row = result["methods"][method]
-        values = np.array([row["metrics"][n] for n in names])
-        lows = np.array([row["intervals"][n][0] for n in names])
-        highs = np.array([row["intervals"][n][1] for n in names])
-        ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=method,
-               yerr=[values - lows, highs - values], capsize=2)
-    if result["chance"]:
-        for j, n in enumerate(names):
-            ax.hlines(result["chance"][n], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
-                      label="chance" if j == 0 else None)
-    ax.set_xticks(x, [n.replace("recall", "Recall").replace("mrr", "MRR") for n in names])
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{result['split']}: {result['lists']} lists, {round(result['confidence'] * 100)}% intervals")
-    ax.legend(fontsize="small", ncol=2)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    with storage.open_binary(path, "wb") as handle:
-        handle.write(buffer.getvalue())
 
 
 def describe(result: dict) -> str:

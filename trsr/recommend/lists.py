@@ -203,6 +203,6 @@ def check_summaries(what: str, inputs: list[str], where, prompt) -> dict[str, in
         f"{what}: {without} of {total} lists ({share:.1%}) have no usable {prompt.mode} summary "
         f"({detail}); they are {action} (score.prompt.missing_summary={prompt.missing_summary})"
     )
-    log.warning(message)
+    log.debug(message)  # printed below, once, in the console's own format
     print(f"[{what}] warning: {message.split(': ', 1)[1]}", flush=True)
     return counts

@@ -191,7 +191,8 @@ def score_job(config: ScoreConfig, run: RunFolder, split: str) -> StageJob:
         unit="lists",
         block_stats=_block_stats,
         units=_lists_in,
-        details={"method": method, "split": split, "model": engine.model, "adapter": engine.lora_adapter},
+        details={"method": method, "split": split, "model": engine.model, "adapter": engine.lora_adapter,
+                 "family": "llm", "summary_mode": mode},
         keep=keep,
         decline_reason=decline_reason,
     )

@@ -180,12 +180,12 @@ def train_lora(
     epochs this call ran), `examples` (counted by Ray Data), `data`,
     `resumed_from_epoch`, `resumed_from_step` and `epochs_run`.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoConfig
 
     from trsr.llm.models import resolve
-    from trsr.ray_utils import init_ray, require_resources
+    from trsr.ray_utils import init_ray, require_resources, verbose
     from trsr.recommend import train_ingest
 
     if config.valid_metric and valid_fn is None:
@@ -265,6 +265,9 @@ def train_lora(
                 num_to_keep=config.epochs + 1, checkpoint_score_attribute=RETENTION, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # Ray Train's own INFO lines (worker group, checkpoints reported) only with
+            # --verbose; its log files under the Ray session keep every level.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             worker_runtime_env={"env_vars": _worker_env(config.use_gpu)},
         ),
     )

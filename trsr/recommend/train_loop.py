@@ -19,15 +19,8 @@ from trsr.recommend.config import TrainConfig, ValidFn
 from trsr.recommend.train_data import TrainingRow, mix_seed
 from trsr.recommend.train_steps import StepFiller, collate, micro_batches, weighted_loss_sum
 from trsr.recommend.train_model import adam_steps, deepspeed_full_state, lora_model, restore, trainee
-from trsr.recommend.train_state import (
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
-    EPOCH_RETENTION,
-    FULL_OPTIMIZER_FILE,
-    OPTIMIZER_FILE,
-    RETENTION,
-    STATE_FILE,
-)
+from trsr.recommend.train_state import DEEPSPEED_DIR, DEEPSPEED_TAG, EPOCH_RETENTION, FULL_OPTIMIZER_FILE
+from trsr.recommend.train_state import OPTIMIZER_FILE, RETENTION, STATE_FILE
 
 log = logging.getLogger("trsr.recommend.train")
 
@@ -56,7 +49,8 @@ def lr_factor(step: int, total: float, config: TrainConfig, position: float | No
 
 
 def _log(rank: int, message: str) -> None:
-    # In Ray Train workers the root logger shows INFO (Ray Train sets it up).
+    # In Ray Train workers the root logger shows INFO (Ray Train sets it up; its
+    # LoggingConfig level filters only Ray Train's own records). A print would show twice.
     if rank == 0:
         log.info("[trsr.train] %s", message)
 

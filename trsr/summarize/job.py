@@ -221,7 +221,7 @@ def summarize(config: SummarizeConfig, context: RunContext, force: bool = False,
         stats["output_tokens_per_s"] = round(stats["tokens_out"] / seconds, 2) if seconds and not stats.get("skipped") else stats.get("output_tokens_per_s")
         stats["users_per_s"] = round(computed / seconds, 4) if seconds and computed else stats.get("users_per_s")
         out["modes"][mode] = stats
-        log.info("summarize %s: %s", mode, stats)
+        log.debug("summarize %s: %s", mode, stats)
     out["skipped"] = all(s.get("skipped") for s in out["modes"].values())
     return out
 
