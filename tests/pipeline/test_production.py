@@ -117,7 +117,7 @@ def test_production_path_scores_own_candidates_and_refreshes_only_changed_users(
     # Day 2: new reads for a few readers, a new reader. Only they are summarized again.
     changed = {r["user_id"] for r in day2[len(day1):] if r["user_id"] in keep}
     assert 4 <= len(changed - {"U0121"}) < 12
-    before = {r["user_id"]: r for r in storage.read_parquet(str(next((run / "user_summaries" / "hierarchical").glob("*.parquet")))).to_pylist()}
+    before = {r["user_id"]: r for r in read_summaries(str(run), "hierarchical", users="all").to_pylist()}  # every file
     assert main(["data", "prepare", *day2_args]) == 0
     assert main(["summarize", *day2_args, "--users", "all", "--update"]) == 0
     printed = capsys.readouterr().out
