@@ -31,13 +31,14 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TQDM_DISABLE": "1",
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_LOGGING_LEVEL": "ERROR",  # its per-weight dtype warnings alone are ~250 lines
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",  # library internals
 }
 QUIET_LOGGERS = {
     "ray.train": logging.WARNING,
     "ray.tune": logging.WARNING,
     "ray.air": logging.WARNING,
-    "vllm": logging.WARNING,
+    "vllm": logging.ERROR,
     "transformers": logging.ERROR,
     "deepspeed": logging.WARNING,
     "filelock": logging.WARNING,

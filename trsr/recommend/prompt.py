@@ -242,8 +242,16 @@ class PromptBuilder:
         self, summary: str | None, history: Sequence[Attributes], candidate: Attributes, label: int | bool
     ) -> str:
         """The full (guarded) prompt + the answer word + the template's end of turn."""
+        return self.training_example(summary, history, candidate, label)[0]
+
+    def training_example(
+        self, summary: str | None, history: Sequence[Attributes], candidate: Attributes, label: int | bool
+    ) -> tuple[str, int, int]:
+        """(training text, where its answer starts, history items shown): the one way a
+        training text is made (the training-texts stage writes these)."""
         prompt = self.fit(summary, history, [candidate])
-        return prompt.prefix + prompt.suffixes[0] + self.answer(label) + self.end_of_turn
+        prompt_text = prompt.prefix + prompt.suffixes[0]
+        return prompt_text + self.answer(label) + self.end_of_turn, len(prompt_text), prompt.history_items
 
     def _user_prefix(self, words, n_words, selected, n_items, scale) -> str:
         summary = " ".join(words[:n_words])

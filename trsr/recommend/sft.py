@@ -57,16 +57,15 @@ class TrainingTexts:
         for row in batch.to_pylist():
             summary = usable_summary(row["summary"], row["summary_status"], self.config.prompt.has_summary)
             for position, (attributes, label) in enumerate(zip(row["candidate_attributes"], row["labels"])):
-                prompt = self.builder.fit(summary, row["history"], [attributes])
-                text = prompt.prefix + prompt.suffixes[0]
-                out["answer_start"].append(len(text))
-                out["text"].append(text + self.builder.answer(label) + self.builder.end_of_turn)
+                text, answer_start, history_items = self.builder.training_example(summary, row["history"], attributes, label)
+                out["answer_start"].append(answer_start)
+                out["text"].append(text)
                 out["list_id"].append(row["list_id"])
                 out["user_id"].append(row["user_id"])
                 out["position"].append(position)
                 out["label"].append(label)
                 out["summary_status"].append(row["summary_status"])
-                out["history_items"].append(prompt.history_items)
+                out["history_items"].append(history_items)
         return pa.Table.from_pydict(out, schema=EXAMPLES)
 
 
