@@ -209,4 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan.add_argument("--cluster", default=None, help="declared shape: NODESxGPUS[:CPUS per node], e.g. 12x8:96")
     _add_config_args(plan, required=True)
+    for name, command in commands.choices.items():
+        for leaf in data_commands.choices.values() if name == "data" else [command]:
+            _add_output_args(leaf)
     return parser
+
+
+def _add_output_args(parser: argparse.ArgumentParser) -> None:
+    """-q/-v after the command too (`trsr run --config x.yaml -q`), as before it."""
+    parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and results")
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="keep the libraries' own logs")

@@ -16,3 +16,13 @@ def test_plan_line_then_numbered_stages(capsys):
     assert out[4] == "[2/7] summarize: running"
     assert out[5].startswith("[2/7] summarize: up to date, skipped in ")
     assert results == {"prepare": {"rows": 3}, "summarize": {"skipped": True}}
+
+
+def test_quiet_and_verbose_are_accepted_before_and_after_every_command():
+    from trsr.cli_parser import build_parser
+
+    parser = build_parser()
+    for argv in (["run", "--config", "x.yaml"], ["summarize", "--config", "x.yaml"], ["data", "stats", "runs/x"]):
+        assert (parser.parse_args(argv).quiet, parser.parse_args(argv).verbose) == (False, False)
+        assert parser.parse_args([*argv, "-q"]).quiet and parser.parse_args(["-q", *argv]).quiet
+        assert parser.parse_args([*argv, "--verbose"]).verbose and parser.parse_args(["-v", *argv]).verbose
