@@ -57,7 +57,7 @@ def example_users(
     needed = {item for row in lists.values() for item in row["history"][-SHOWN_ITEMS:]}
     needed |= {c for per_list in ranked.values() for rows in per_list.values() for c, _, _ in rows}
     texts = _item_texts(run, needed)
-    summaries = _summaries(run, chosen, scores)
+    summaries = _summaries(run, split, chosen, list(scores))
     out = []
     for list_id in chosen:
         row = lists.get(list_id)
@@ -141,12 +141,12 @@ def _item_text(attributes: list[dict]) -> str:
     return render_item(attributes, {a["name"]: ITEM_CHARS for a in attributes})
 
 
-def _summaries(run: RunFolder, list_ids: list[str], scores: dict[str, pa.Table]) -> dict[str, dict[str, str]]:
+def _summaries(run: RunFolder, split: str, list_ids: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
     """{mode: {list_id: summary}} of the summary modes the scored methods read."""
     modes = set()
-    for method in scores:
-        manifest = run.scores(method, scores[method].column("split")[0].as_py()).manifest if scores[method].num_rows else None
-        details = storage.read_json(manifest) if manifest and storage.exists(manifest) else {}
+    for method in methods:
+        manifest = run.scores(method, split).manifest
+        details = storage.read_json(manifest) if storage.exists(manifest) else {}
         if details.get("summary_mode"):
             modes.add(details["summary_mode"])
     out = {}

@@ -48,6 +48,7 @@ from trsr.recommend.config import ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems
 from trsr.recommend.score import ScoreStage, output_settings, resolve_adapter
 from trsr.runner import GroupJob, RunContext, Source, StageJob, Step, arrow_mask, run_grouping, run_stage, shuffle_partitions
+from trsr.runner import value_counts
 from trsr.runs import LAYOUT, StageFolder, inputs_signature
 from trsr.schema import CANDIDATE_SCORES
 
@@ -109,11 +110,10 @@ def _users_out(table: pa.Table) -> int:
 
 def _score_stats(table: pa.Table) -> dict:
     firsts = table.filter(pc.equal(table.column("rank"), 1))
-    counts = pc.value_counts(firsts.column("summary_status"))
     return {
         "users_scored": firsts.num_rows,
         "candidates_written": table.num_rows,
-        "summary_status": dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())),
+        "summary_status": value_counts(firsts.column("summary_status")),
     }
 
 

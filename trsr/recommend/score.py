@@ -36,7 +36,7 @@ from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
-from trsr.runner import RunContext, Step, StageJob, count_rows, run_stage
+from trsr.runner import RunContext, Step, StageJob, count_rows, run_stage, value_counts
 from trsr.runs import LAYOUT, RunFolder, inputs_signature
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,7 @@ def _lists_in(table: pa.Table) -> int:
 def _block_stats(table: pa.Table) -> dict:
     """Additive stats of a block of scored candidates (per list: its position-0 row)."""
     per_list = table.filter(pc.equal(table.column("position"), 0))
-    counts = pc.value_counts(per_list.column("summary_status"))
-    statuses = dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+    statuses = value_counts(per_list.column("summary_status"))
     shown = per_list.column("history_items")
     scores = table.column("score")
     return {

@@ -36,7 +36,7 @@ from trsr.recommend import lists as ranking_lists
 from trsr.recommend.config import SFTConfig, ScoreConfig
 from trsr.recommend.lists import PROMPT_LISTS, AttachItems, usable_summary
 from trsr.recommend.prompt import PromptBuilder
-from trsr.runner import RunContext, Step, StageJob, run_stage
+from trsr.runner import RunContext, Step, StageJob, run_stage, value_counts
 from trsr.runs import LAYOUT, RunFolder
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,10 @@ def texts_job(config: SFTConfig, score_config: ScoreConfig, run: RunFolder, mode
 
 def _texts_stats(table: pa.Table) -> dict:
     per_list = table.filter(pc.equal(table.column("position"), 0))
-    counts = pc.value_counts(per_list.column("summary_status"))
     return {
         "lists": per_list.num_rows,
         "examples": table.num_rows,
-        "summary_status": dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())),
+        "summary_status": value_counts(per_list.column("summary_status")),
     }
 
 

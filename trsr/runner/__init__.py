@@ -57,7 +57,7 @@ from trsr.runner.inputs import arrow_mask, arrow_where, count_rows, read_parquet
 from trsr.runner.job import GroupJob, Source, StageJob, Step, Where, shuffle_partitions
 from trsr.runner.progress import DriverHeapTrimmer, progress_line
 from trsr.runner.stage import rows_per_block, run_stage
-from trsr.runner.stats import merge_stats
+from trsr.runner.stats import merge_stats, value_counts
 
 __all__ = [
     "ERROR",
@@ -78,6 +78,7 @@ __all__ = [
     "count_rows",
     "describe_error",
     "merge_stats",
+    "value_counts",
     "output_schema",
     "progress_line",
     "read_parquet",

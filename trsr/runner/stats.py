@@ -12,6 +12,12 @@ from trsr.runner.failures import ERROR
 from trsr.runner.job import StageJob
 
 
+def value_counts(column: pa.ChunkedArray | pa.Array) -> dict:
+    """{value: rows} of one column: the block stats' counts by status."""
+    counts = pc.value_counts(column)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()))
+
+
 def merge_stats(a: dict, b: dict) -> dict:
     """Sum two additive stats dicts (nested dicts merge; "max:"/"min:" keys by max/min)."""
     out = dict(a)

@@ -27,7 +27,7 @@ from trsr import storage
 from trsr.config import fingerprint
 from trsr.schema import LISTS, SPLITS, SUMMARIES
 from trsr.errors import ConfigError, TrsrError
-from trsr.runner import RunContext, Step, StageJob, run_grouping, run_stage
+from trsr.runner import RunContext, Step, StageJob, run_grouping, run_stage, value_counts
 from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize import refresh
@@ -176,15 +176,13 @@ def summarize_job(config: SummarizeConfig, context: RunContext, mode: str) -> St
 
 
 def _block_stats(table) -> dict:
-    statuses = {}
-    for status, count in zip(*_value_counts(table.column("status"))):
-        statuses[status] = count
+    statuses = value_counts(table.column("status"))
     summarized = table.filter(pc.not_equal(table.column("status"), "missing"))
     # Engine work of this run: rows kept unchanged by an --update carry their earlier counts.
     worked = table.filter(pc.fill_null(pc.not_equal(table.column("refresh"), UNCHANGED), True))
     return {
         "status": statuses,
-        "refresh": dict(zip(*_value_counts(table.column("refresh")))),
+        "refresh": value_counts(table.column("refresh")),
         "calls": int(pc.sum(worked.column("calls")).as_py() or 0),
         "retries": int(pc.sum(worked.column("retries")).as_py() or 0),
         "trimmed": int(pc.sum(worked.column("trimmed")).as_py() or 0),
@@ -192,11 +190,6 @@ def _block_stats(table) -> dict:
         "tokens_out": int(pc.sum(worked.column("tokens_out")).as_py() or 0),
         "summarized": summarized.num_rows,
     }
-
-
-def _value_counts(column):
-    counts = pc.value_counts(column)
-    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
 
 
 def summarize(config: SummarizeConfig, context: RunContext, force: bool = False, update: bool = False) -> dict:
