@@ -93,6 +93,6 @@ def test_the_demo_fits_its_local_cluster_and_trsr_run_refuses_a_too_small_one_be
     assert code == 2 and "cannot be scheduled on 1x0:2" in err
     assert "summarize hierarchical: needs" not in err  # CPU-only: the CPU message
     assert "summarize hierarchical: its actors do not fit the nodes at once" in err
-    assert not run_dir.exists()  # refused before prepare wrote anything
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]  # refused before prepare wrote anything
     assert main(["plan", "--config", str(CONFIGS / "demo.yaml"), "--cluster", "1x0:8"]) == 0
     assert "every stage fits" in capsys.readouterr().out

@@ -12,24 +12,51 @@ import uuid
 import pytest
 
 SCRIPT = """
-import json, os, ray
+import json, logging, os, sys, time, ray
+from trsr import worker_logs
 from trsr.ray_utils import init_ray
+worker_logs.log_to_run_folder(sys.argv[1])
 init_ray(local_cpus=2)
 @ray.remote
 def seen():
+    print("a library's noise in a worker")
+    logging.getLogger("trsr.recommend.train_loop").info("train: epoch 1 done")
+    logging.getLogger("trsr.runner.failures").warning("a row failed")
     return os.environ.get("AWS_SECRET_ACCESS_KEY")
 print(json.dumps({"runtime_env": ray.get_runtime_context().runtime_env, "worker": ray.get(seen.remote())}))
+time.sleep(3)  # Ray's log monitor forwards worker lines about every second
 ray.shutdown()
 """
 
 
-@pytest.mark.integration
-def test_local_workers_inherit_credentials_that_the_runtime_env_does_not_carry():
+@pytest.fixture(scope="module")
+def local_cluster_run(tmp_path_factory):
+    """One local Ray cluster started by init_ray in a fresh process, with a secret in its
+    environment and a task that prints a library line and logs two trsr records."""
     secret = f"fake-{uuid.uuid4().hex}"
+    run_dir = tmp_path_factory.mktemp("run")
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY=secret, AWS_ACCESS_KEY_ID="fake-id", HF_HUB_OFFLINE="1")
     env.pop("RAY_ADDRESS", None)
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    env.pop("TRSR_VERBOSE", None)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    return secret, run_dir, out
+
+
+@pytest.mark.integration
+def test_workers_lines_trsr_ones_on_the_console_all_in_the_run_folder(local_cluster_run):
+    _, run_dir, out = local_cluster_run
+    console = out.stdout + out.stderr
+    assert "train: epoch 1 done" in out.stdout.splitlines()  # printed as is, no Ray prefix
+    assert "warning: a row failed" in out.stdout.splitlines()
+    assert "noise in a worker" not in console and "[trsr]" not in console
+    log = (run_dir / "logs" / "workers.log").read_text()
+    assert "a library's noise in a worker" in log and "[trsr] train: epoch 1 done" in log
+
+
+@pytest.mark.integration
+def test_local_workers_inherit_credentials_that_the_runtime_env_does_not_carry(local_cluster_run):
+    secret, _, out = local_cluster_run
     result = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
     assert result["worker"] == secret
     assert secret not in json.dumps(result["runtime_env"]) and "fake-id" not in json.dumps(result["runtime_env"])

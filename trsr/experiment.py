@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import yaml
 from pydantic import model_validator
 
+from trsr import storage
+
 from trsr.baselines.config import BaselinesConfig
-from trsr.config import Section
+from trsr.config import Section, build, parse_overrides, set_dotted
+from trsr.errors import ConfigError
 from trsr.data.config import PrepareConfig
 from trsr.evaluate.config import EvaluateConfig
 from trsr.recommend.config import VARIANTS, SFTConfig, ScoreConfig, Variant
@@ -109,3 +113,33 @@ class ExperimentConfig(Section):
             prompt["summary_mode"] = None
         score = self.score.model_copy(update={"prompt": type(self.score.prompt).model_validate(prompt)})
         return self.model_copy(update={"score": score})
+
+
+def save_run_config(experiment: ExperimentConfig) -> str:
+    """Write the resolved config (every key, defaults included) into its run folder, so
+    later commands can be given `--run-dir` alone. Returns the path."""
+    path = RunFolder(experiment.run_dir).config
+    text = yaml.safe_dump(experiment.model_dump(mode="json"), sort_keys=False)
+    storage.write_text("# written by trsr: the config of the last command given --config\n" + text, path)
+    return path
+
+
+def load_run_config(run_dir: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """The experiment config a run folder holds (save_run_config), with `overrides`; its
+    run_dir is the folder given (which may have moved since)."""
+    path = RunFolder(run_dir).config
+    if not storage.exists(path):
+        raise ConfigError(
+            f"{path}: not found: {run_dir} holds no config yet; give --config RECIPE.yaml "
+            "(every command given --config writes it there)"
+        )
+    try:
+        data = yaml.safe_load(storage.read_bytes(path).decode()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data["run_dir"] = str(run_dir)
+    for key, value in parse_overrides(overrides):
+        set_dotted(data, key, value)
+    return build(ExperimentConfig, data, origin=path)

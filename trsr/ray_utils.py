@@ -14,6 +14,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 
+from trsr import worker_logs
 from trsr.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ QUIET_LOGGERS = {
     "transformers": logging.ERROR,
     "deepspeed": logging.WARNING,
     "filelock": logging.WARNING,
+    # "Token authentication is enabled for this Ray cluster" at every local start.
+    "ray._private.authentication": logging.ERROR,
 }
 
 
@@ -80,6 +83,8 @@ def init_ray(local_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         # A submitted job's workers are quieted by its runtime env (cluster/runtime_env.yaml).
         ray.init(log_to_driver=True, logging_level=logging.WARNING if quiet else logging.INFO)
+        if quiet:
+            worker_logs.install()
         log.info("connected to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return
     cpus = local_cpus or max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
@@ -107,6 +112,8 @@ def init_ray(local_cpus: int | None = None) -> None:
         num_cpus=cpus, include_dashboard=False, runtime_env=runtime_env, log_to_driver=True,
         logging_level=logging.WARNING if quiet else logging.INFO,
     )
+    if quiet:
+        worker_logs.install()  # trsr's worker lines to the console, all of them to <run_dir>/logs
     log.info("started a local Ray cluster with %d logical CPUs", cpus)
 
 
@@ -141,6 +148,7 @@ def quiet_worker() -> None:
     when the cluster stops under it. On a real cluster (dashboard up) the poll succeeds."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.CRITICAL)
     _ignore_placement_group_cleaner_crash()
+    worker_logs.use_in_worker()
     quiet_logs()
     if not verbose():
         quiet_ray_data_console()  # Ray Train's dataset coordinator runs Ray Data in a worker

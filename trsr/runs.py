@@ -2,6 +2,7 @@
 whether a stage is up to date.
 
     <run_dir>/
+      config.yaml              the experiment config of the last command given --config
       prepared/                items, sequences, samples/<split>, lists/<split>, rejects
       summaries/<mode>/        one row per ranking list: the list and the user's summary
       user_summaries/<mode>/   one row per user of prepared/sequences (summarize.users: all)
@@ -170,6 +171,11 @@ class RunFolder:
 
     def stage_dir(self, stage: str) -> str:
         return storage.join(self.root, stage)
+
+    @property
+    def config(self) -> str:
+        """The experiment config the folder was last run with (`--run-dir` alone reads it)."""
+        return storage.join(self.root, "config.yaml")
 
     # prepared data -----------------------------------------------------------------
     @property

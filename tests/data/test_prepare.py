@@ -1,5 +1,7 @@
 """The prepare stage end to end: synthetic MIND -> run folder (local and S3), CLI, real data."""
 
+import json
+
 import pyarrow.compute as pc
 import pytest
 
@@ -102,8 +104,32 @@ def test_cli_prepare_and_stats(tmp_path, capsys):
     assert main(["data", "prepare", "mind", "--input", str(data), "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "# of positive samples in the test set" in out and "users: 80 in = 80 converted" in out
-    assert main(["data", "stats", str(run_dir)]) == 0
+    assert main(["data", "stats", "--run-dir", str(run_dir)]) == 0
     assert "Avg. # of tokens corresponding to an item (whitespace)" in capsys.readouterr().out
+
+
+def test_the_run_folder_holds_its_config_so_later_commands_take_run_dir_alone(tmp_path, capsys):
+    """prepare with FORMAT/--input/--run-dir writes <run_dir>/config.yaml; then --run-dir
+    alone is a whole config (--set applies on top), and --json prints only JSON on stdout."""
+    data = tmp_path / "data"
+    assert main(["data", "generate", "--output", str(data), "--users", "60", "--items", "150"]) == 0
+    run_dir = tmp_path / "run"
+    assert main(["data", "prepare", "mind", "--input", str(data), "--run-dir", str(run_dir), "--seed", "7"]) == 0
+    assert (run_dir / "config.yaml").exists()
+    capsys.readouterr()
+    assert main(["plan", "--run-dir", str(run_dir), "--cluster", "1x0:8", "--json"]) == 0
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)  # stdout is the JSON alone
+    assert plan["cluster"] and [stage["name"] for stage in plan["stages"]][0].startswith("summarize")
+    assert main(["data", "stats", "--run-dir", str(run_dir), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 7  # the seed given to prepare, kept
+    # --set on top of the stored config; a key that does not exist is refused with its name.
+    assert main(["plan", "--run-dir", str(run_dir), "--cluster", "1x0:8", "--set", "summarize.engine.nope=1"]) == 2
+    assert "nope" in capsys.readouterr().err
+    # A folder without a config: the error says what to give.
+    assert main(["summarize", "--run-dir", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err
+    assert "config.yaml" in err and "--config" in err
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
@@ -112,7 +138,7 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "behaviors.tsv" in err and "not found" in err
     assert main(["data", "prepare", "mind"]) == 2
     assert "--input" in capsys.readouterr().err
-    assert main(["data", "stats", str(tmp_path / "empty")]) == 2
+    assert main(["data", "stats", "--run-dir", str(tmp_path / "empty")]) == 2
     assert "trsr data prepare" in capsys.readouterr().err
     assert main(["data", "prepare", "--config", str(tmp_path / "missing.yaml")]) == 2
 

@@ -49,10 +49,10 @@ def lr_factor(step: int, total: float, config: TrainConfig, position: float | No
 
 
 def _log(rank: int, message: str) -> None:
-    # In Ray Train workers the root logger shows INFO (Ray Train sets it up; its
-    # LoggingConfig level filters only Ray Train's own records). A print would show twice.
+    # In Ray Train workers trsr's records go to the console through trsr.worker_logs
+    # (the workers' set-up hook); a print would reach only the workers' log file.
     if rank == 0:
-        log.info("[trsr.train] %s", message)
+        log.info("train: %s", message)
 
 
 def train_loop(loop_config: dict) -> None:
