@@ -14,9 +14,9 @@ RUN_DIR="${2:-s3://YOUR_BUCKET/trsr/$(basename "$CONFIG" .yaml)}"
 #   trsr plan --config "$CONFIG"
 # The whole pipeline (prepare -> ... -> evaluate) into one run folder on S3:
 ray job submit --runtime-env cluster/runtime_env.yaml --no-wait -- \
-  python -m jobs.pipeline --config "$CONFIG" --set run_dir="$RUN_DIR"
+  python -m jobs.pipeline --config "$CONFIG" --run-dir "$RUN_DIR"
 
 # One stage only, e.g. data preparation:
 #   ray job submit --runtime-env cluster/runtime_env.yaml -- \
-#     python -m jobs.prepare --config "$CONFIG" --set run_dir="$RUN_DIR"
+#     python -m jobs.prepare --config "$CONFIG" --run-dir "$RUN_DIR"
 # Follow a job: ray job logs --follow <submission_id>; list: ray job list

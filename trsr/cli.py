@@ -40,15 +40,17 @@ from trsr.ray_utils import VERBOSE_ENV, quiet_logs
 Result = tuple[Any, str | None]
 
 
-def _experiment(args: argparse.Namespace, extra: Sequence[str] = ()) -> ExperimentConfig:
-    """The experiment of a command: --config (then saved into its run folder), else the
-    config the --run-dir folder holds; --run-dir always names the run folder."""
+def _experiment(args: argparse.Namespace, extra: Sequence[str] = (), save: bool = True) -> ExperimentConfig:
+    """The experiment of a command: --config (then saved into its run folder unless
+    `save` is false), else the config the --run-dir folder holds; --run-dir always names
+    the run folder."""
     overrides = list(extra) + list(args.overrides)
     if args.config:
         if args.run_dir:
             overrides.insert(0, f"run_dir={args.run_dir}")
         experiment = load(ExperimentConfig, args.config, overrides)
-        save_run_config(experiment)
+        if save:
+            save_run_config(experiment)
     elif args.run_dir:
         experiment = load_run_config(args.run_dir, overrides)
     else:
@@ -56,7 +58,8 @@ def _experiment(args: argparse.Namespace, extra: Sequence[str] = ()) -> Experime
             f"trsr {args.command}: give --config RECIPE.yaml, or --run-dir of a run folder that "
             "holds its config (written there by any command given --config)"
         )
-    worker_logs.log_to_run_folder(experiment.run_dir)
+    if save:
+        worker_logs.log_to_run_folder(experiment.run_dir)
     return experiment
 
 
@@ -181,7 +184,7 @@ def _cmd_plan(args: argparse.Namespace) -> Result:
     from trsr import plan
     from trsr.ray_utils import ClusterShape, init_ray
 
-    experiment = _experiment(args)
+    experiment = _experiment(args, save=False)  # reads the recipe only, writes nothing
     shape = args.cluster or experiment.cluster
     if shape:
         cluster = ClusterShape.parse(shape)

@@ -66,6 +66,7 @@ def init_ray(local_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
+    _load_torch_first()
     quiet = not verbose()
     if quiet:
         for key, value in QUIET_ENV.items():
@@ -115,6 +116,20 @@ def init_ray(local_cpus: int | None = None) -> None:
     if quiet:
         worker_logs.install()  # trsr's worker lines to the console, all of them to <run_dir>/logs
     log.info("started a local Ray cluster with %d logical CPUs", cpus)
+
+
+def _load_torch_first() -> None:
+    """Load torch and initialise its MKL in the main thread before Ray starts its threads.
+
+    Observed (tests/test_cluster_submit.py, Ray 2.60, torch CPU wheel): a job driver joined
+    to a two-node cluster died when its training stage began, "Intel oneMKL FATAL ERROR:
+    Cannot load .../torch/lib/libtorch_cpu.so" and a segfault, in 3 of 3 runs; with this
+    call first, it passed. The driver imports torch for most stages anyway."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.ones(8, 8) @ torch.ones(8, 8)  # a float matmul: MKL picks its kernels now
 
 
 def quiet_ray_data_console() -> None:
