@@ -95,3 +95,28 @@ def test_only_the_placement_group_cleaner_thread_crash_is_silenced(monkeypatch):
         thread.start()
         thread.join()
     assert seen == ["ours"]
+
+
+def test_raylet_notices_go_to_the_log_file_and_its_other_messages_to_the_console(monkeypatch, tmp_path):
+    import ray._private.worker as ray_worker
+
+    from trsr import worker_logs
+
+    printed = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data))
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    monkeypatch.setattr(worker_logs, "_state", {"path": None, "buffer": []})
+    routed_before = any(name == "trsr_route_logs" for name, _ in dispatcher.handlers)
+    assert worker_logs.install()
+    try:
+        notice = "WARNING: 8 PYTHON worker processes have been started on node: abc with address: 127.0.0.1"
+        problem = "Task was killed due to the node running low on memory."
+        ray_worker.print_to_stdstream({"pid": "raylet", "lines": [notice], "is_err": False}, False)
+        ray_worker.print_to_stdstream({"pid": "raylet", "lines": [problem], "is_err": False}, False)
+        assert [data["lines"] for data in printed] == [[problem]]  # Ray's printer: the problem only
+        worker_logs.log_to_run_folder(str(tmp_path))
+        assert notice in (tmp_path / "logs" / "workers.log").read_text()
+    finally:
+        if not routed_before:  # this session's own Ray (ray_local) keeps its routing
+            dispatcher.remove_handler("trsr_route_logs")

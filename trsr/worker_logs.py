@@ -76,10 +76,17 @@ def log_to_run_folder(run_dir: str) -> str | None:
     return path
 
 
+# Messages the raylets publish to every driver (Ray's error channel) that are notices,
+# not problems: the console gets every other one (a worker killed for memory, a crash).
+RAYLET_NOTICES = ("PYTHON worker processes have been started on node",)
+
+
 def install() -> bool:
-    """Replace Ray's printer of worker lines by `_route` (after ray.init). False where
-    this Ray has no such hook (Ray's printer stays)."""
+    """Replace Ray's printer of worker lines by `_route` (after ray.init), and let the
+    raylets' notices (RAYLET_NOTICES, e.g. one per burst of worker start-ups) go to the
+    log file only. False where this Ray has no such hook (Ray's printer stays)."""
     try:
+        import ray._private.worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:
         return False
@@ -88,6 +95,18 @@ def install() -> bool:
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.remove_handler("trsr_route_logs")
     dispatcher.add_handler("trsr_route_logs", _route)
+    # The raylets' messages reach the driver through Ray's error listener, which calls
+    # this module-level printer directly (not the dispatcher).
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not getattr(printer, "_trsr", False):
+        def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+            if data.get("pid") == "raylet" and any(n in line for line in data.get("lines", []) for n in RAYLET_NOTICES):
+                _route(data)  # to the log file only (no PREFIX line)
+            else:
+                printer(data, ignore_prefix)
+
+        print_to_stdstream._trsr = True  # type: ignore[attr-defined]
+        ray_worker.print_to_stdstream = print_to_stdstream
     return True
 
 
