@@ -344,3 +344,12 @@ def test_driver_heap_trimmer_returns_freed_heap_memory_to_the_system():
     assert trimmer.trim is not None
     assert process.memory_info().rss < held - 100 * 2**20
     assert len(kept) == 3125
+
+
+def test_progress_lines_are_not_repeated_but_a_stalled_stage_still_shows_a_heartbeat():
+    from trsr.runner.progress import HEARTBEAT_PERIODS, worth_a_line
+
+    assert worth_a_line((0, 0), None, 1)  # the first line
+    assert not worth_a_line((0, 0), (0, 0), 1)  # the engine is still warming up: no repeat
+    assert worth_a_line((0, 0), (0, 0), HEARTBEAT_PERIODS)  # ... until the heartbeat
+    assert worth_a_line((32, 0), (0, 0), 1) and worth_a_line((32, 1), (32, 0), 1)  # news

@@ -30,8 +30,19 @@ def progress_actor():
     return Progress.remote()
 
 
+# A stage whose counts did not move prints no line for this many periods (a heartbeat
+# then shows it is alive): no screens of identical lines while an engine warms up.
+HEARTBEAT_PERIODS = 4
+
+
+def worth_a_line(counts: tuple[int, int], last: tuple[int, int] | None, periods_since_last: float) -> bool:
+    """A progress line when the counts moved since the last line, or as a heartbeat."""
+    return counts != last or periods_since_last >= HEARTBEAT_PERIODS
+
+
 class ProgressPrinter(threading.Thread):
-    """Prints a progress line every `seconds` until stopped (driver side)."""
+    """Prints a progress line every `seconds` until stopped (driver side), skipping
+    lines that would repeat the last one (worth_a_line)."""
 
     def __init__(self, job: StageJob, progress, total: int, seconds: float):
         super().__init__(daemon=True)
@@ -42,12 +53,17 @@ class ProgressPrinter(threading.Thread):
     def run(self) -> None:
         import ray
 
+        last, last_at = None, self.started
         while not self.stopped.wait(self.seconds):
             try:
                 done, failed = ray.get(self.progress.totals.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - a missed progress line is harmless
                 continue
-            print(progress_line(self.job, done, failed, self.total, time.perf_counter() - self.started), flush=True)
+            now = time.perf_counter()
+            if not worth_a_line((done, failed), last, (now - last_at) / self.seconds):
+                continue
+            last, last_at = (done, failed), now
+            print(progress_line(self.job, done, failed, self.total, now - self.started), flush=True)
 
     def stop(self) -> None:
         self.stopped.set()
