@@ -116,7 +116,7 @@ def cluster(s3_endpoint, tmp_path_factory):
         submit_env = {key: value for key, value in node_env.items() if not key.startswith("AWS_")}
         submit_env.update(RAY_ADDRESS=f"http://127.0.0.1:{dashboard}")
         wait_for_nodes(2, submit_env, nodes, logs)
-        yield {"env": submit_env, "token": token, "secret": secret, "logs": logs}
+        yield {"env": submit_env, "token": token, "secret": secret, "logs": logs, "temp": temp}
     finally:
         for node in reversed(nodes):
             stop(node)
@@ -204,7 +204,7 @@ def test_the_pipeline_submitted_to_a_two_node_cluster_writes_its_run_folder_to_s
     assert "stages: prepare, summarize, train, score, evaluate" in logs
     assert "[2/5] summarize: running" in logs
     assert "computed, 0 reused, 0 failed" in logs  # the streaming stages' accounting line
-    assert "report:" in logs and f"{s3_bucket}/run/report/test.md" in logs
+    assert "pipeline finished in" in logs and f"{s3_bucket}/run/report/test.md" in logs
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
     root = s3_bucket.removeprefix("s3://") + "/run"
     report = json.loads(fs.cat(f"{root}/report/test.json"))
@@ -213,10 +213,15 @@ def test_the_pipeline_submitted_to_a_two_node_cluster_writes_its_run_folder_to_s
     # The work crossed node boundaries: the job's actors ran on both nodes.
     actors = json.loads(ray_cli("list", "actors", "--format", "json", "--limit", "1000", env=cluster["env"]).stdout)
     assert len({actor["node_id"] for actor in actors if actor.get("node_id")}) == 2
-    # Nothing secret in the job's logs or metadata (its runtime env, entrypoint).
+    # Nothing secret in the job's logs or metadata (its runtime env, entrypoint) ...
     info = ray_cli("job", "list", env=cluster["env"]).stdout
     for text in (logs, info):
         assert cluster["secret"] not in text and cluster["token"] not in text
+    # ... nor the S3 secret in any log file of either node's Ray session.
+    log_files = [p for p in cluster["temp"].rglob("*") if p.is_file() and "/logs/" in str(p)]
+    assert len(log_files) > 20  # raylet, gcs, workers, job driver, runtime env agent, ...
+    leaking = [str(p) for p in log_files if cluster["secret"].encode() in p.read_bytes()]
+    assert not leaking, leaking
 
 
 def test_a_bad_recipe_comes_back_failed_with_trsrs_own_message(cluster, s3_bucket, tiny_model, tmp_path):

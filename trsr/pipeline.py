@@ -98,7 +98,7 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
         stages.run(f"score {method}", lambda: score(variant.score, context, split=None, force=force, trained=variant.train.enabled),
                    describe_scores, results)
     if experiment.with_baselines:
-        from trsr.baselines.job import describe as describe_baselines
+        from trsr.baselines.job import describe_brief as describe_baselines
         from trsr.baselines.job import run_baselines
 
         done = stages.run("baselines", lambda: run_baselines(experiment.baselines, context, force=force), describe_baselines, results)
@@ -107,8 +107,9 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
     # earlier configs.
     methods = list(dict.fromkeys((experiment.evaluate.methods or []) + methods))
     report = stages.run("evaluate", lambda: evaluate(experiment.evaluate, context, methods=methods), lambda r: "", results)
-    print(markdown(report), flush=True)
+    print(markdown(report, full=False), flush=True)
     split = report["split"]
-    print(f"pipeline finished in {time.perf_counter() - started:.1f} s; report: "
+    print(f"pipeline finished in {time.perf_counter() - started:.1f} s; the report (these tables, the summaries' "
+          "health, the run, example users): "
           + ", ".join(report_path(experiment.run_dir, split, suffix) for suffix in ("md", "json", "png")), flush=True)
     return results

@@ -206,3 +206,15 @@ def test_cli_baselines(trained, tmp_path, capsys):
     assert storage.exists(scores_path(str(copy), "popularity", "test"))
     assert main(["baselines", "--config", str(config), "--set", "baselines.models=[nope]"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_the_pipelines_one_line_for_the_baselines_names_each_model_and_the_best():
+    from trsr.baselines.job import describe_brief
+
+    line = describe_brief({
+        "ncf": {"test": {"metrics": {"recall@3": 0.37}}, "seconds": 23.8},
+        "narm": {"test": {"metrics": {"recall@3": 0.54}}, "seconds": 58.3},
+        "random": {"skipped": True, "test": {"metrics": {"recall@3": 0.19}}},
+    })
+    assert "\n" not in line and line.startswith("3 baselines (ncf 24 s, narm 58 s, random skipped)")
+    assert line.endswith("best test Recall@3: narm 0.540")

@@ -61,6 +61,12 @@ def test_pipeline_trains_scores_and_evaluates_both_variants(finished_run):
         assert set(example["summaries"]) <= {"hierarchical", "recurrent"} and example["recent_items"]
     assert {row["family"] for row in report["methods"].values()} == {"llm"}
     assert "## Example users" in markdown and "(positive)" in markdown
+    # `trsr run` prints the report's tables only; the rest is in the file
+    from trsr.evaluate.report import markdown as render
+
+    brief = render(report, full=False)
+    assert brief.splitlines()[:12] == markdown.splitlines()[:12] and "| llm-trsr-recurrent |" in brief
+    assert "## Example users" not in brief and "## Run" not in brief
     assert storage.read_bytes(storage.join(run.root, "report", "test.png"))[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(storage.read_bytes(storage.join(run.root, "report", "test.json")))["lists"] == len(test_lists)
 

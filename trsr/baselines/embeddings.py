@@ -179,7 +179,7 @@ def compute_embeddings(config: EncoderConfig, context: RunContext, force: bool =
         "items_per_s": stats.get("rows_per_s"),
         "skipped": stats.get("skipped", False),
     }
-    log.info("item embeddings: %s", info)
+    log.debug("item embeddings: %s", info)  # the stage runner printed its accounting line
     return info
 
 

@@ -154,7 +154,7 @@ def run_baselines(config: BaselinesConfig, context: RunContext, force: bool = Fa
         out = ray.get(ready[0])
         method = config.method(model)
         stats = _write(run.root, config, method, todo[model], out, data, samples, embedding_info)
-        log.info("baseline %s: %s", method, {s: stats[s]["metrics"] for s in config.splits})
+        log.debug("baseline %s: %s", method, {s: stats[s]["metrics"] for s in config.splits})  # the stage's table shows them
         result[method] = dict(stats, skipped=False)
     return {config.method(m): result[config.method(m)] for m in config.models}
 
@@ -201,6 +201,21 @@ def _write(
         stage.finish(key, stats[split], method=method, split=split)
     storage.write_json(stats, storage.join(folder, "stats.json"))
     return stats
+
+
+def describe_brief(result: dict) -> str:
+    """One line for `trsr run` (its closing table has every metric): the models and
+    their seconds, the best by Recall@3."""
+    scored = {}
+    for method, stats in result.items():
+        split = "test" if "test" in stats else "valid"
+        scored[method] = (stats.get(split, {}).get("metrics", {}).get("recall@3", float("nan")), split)
+    best = max(scored, key=lambda m: scored[m][0]) if scored else None
+    seconds = ", ".join(
+        f"{m} {'skipped' if s.get('skipped') else format(s.get('seconds', 0), '.0f') + ' s'}" for m, s in result.items()
+    )
+    head = f"{len(result)} baselines ({seconds})"
+    return head + (f"; best {scored[best][1]} Recall@3: {best} {scored[best][0]:.3f}" if best else "")
 
 
 def describe(result: dict) -> str:

@@ -175,7 +175,7 @@ def train_model(name: str, data: BaselineData, config: BaselinesConfig, seed: in
             if metrics[config.select_by] > best[0]:
                 best = (metrics[config.select_by], epoch, copy.deepcopy(model.state_dict()))
         history_log.append(record)
-        log.info("%s epoch %d: %s", name, epoch, record)
+        log.debug("%s epoch %d: %s", name, epoch, record)  # all epochs are in the stats (history)
     chosen = config.epochs
     if best[2] is not None:
         model.load_state_dict(best[2])

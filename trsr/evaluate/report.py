@@ -223,8 +223,10 @@ def _cell(row: dict, name: str, with_interval: bool = True) -> str:
     return f"{value:.4f} [{low:.3f}, {high:.3f}]"
 
 
-def markdown(result: dict) -> str:
-    """The paper's Table 2 layout (Recall@K then MRR@K per method), then NDCG@K and AUC."""
+def markdown(result: dict, full: bool = True) -> str:
+    """The paper's Table 2 layout (Recall@K then MRR@K per method), then NDCG@K and AUC;
+    `full`: also the summaries' health, the run behind it and the example users (the
+    report file; `trsr run` prints the tables and the report's paths)."""
     ks = result["ks"]
     pct = round(result["confidence"] * 100)
     main = [f"recall@{k}" for k in ks] + [f"mrr@{k}" for k in ks]
@@ -261,8 +263,9 @@ def markdown(result: dict) -> str:
         families.setdefault(row.get("family", "other"), []).append(method)
     if len(families) > 1:
         lines.append("Methods by family: " + "; ".join(f"{f} {', '.join(m)}" for f, m in families.items()) + ".")
-    lines += _run_block(result.get("run") or {})
-    lines += markdown_examples(result.get("examples") or [])
+    if full:
+        lines += _run_block(result.get("run") or {})
+        lines += markdown_examples(result.get("examples") or [])
     return "\n".join(lines) + "\n"
 
 
