@@ -151,8 +151,11 @@ def tiny_lora(tiny_model, tmp_path_factory) -> str:
 
 # ------------------------------------------------------------------------- Ray
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray cluster for the session (Ray's own fixtures are not in the wheel)."""
+def ray_local(s3_endpoint):
+    """One local Ray cluster for the session (Ray's own fixtures are not in the wheel),
+    started after the S3 endpoint: its workers inherit the credentials from this
+    process's environment, as on a cluster they come from the nodes' (never from a
+    runtime env)."""
     import ray
 
     from trsr.ray_utils import init_ray

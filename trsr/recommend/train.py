@@ -135,11 +135,12 @@ _WORKER_ENV = (
     "HF_HUB_OFFLINE",
     "TRSR_CACHE",
     "TOKENIZERS_PARALLELISM",
+    # Settings only: credentials never go into a runtime env (job metadata, and Ray's
+    # runtime-env agent logs every runtime env it creates, env vars included: the
+    # cluster test found the secret there). Workers get them from the nodes'
+    # environment or instance roles; a local cluster's workers inherit the driver's.
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "DS_ACCELERATOR",
     "OMP_WAIT_POLICY",

@@ -92,11 +92,10 @@ PACKED = pa.schema(
 def ray_filesystem(path: str):
     """The pyarrow filesystem (and inner path) for Ray to read or write an s3:// path.
 
-    Like `storage.arrow_filesystem`, but credentials set in this process's environment
-    travel inside the (pickled) filesystem: Ray Train's controller and the Ray Data
-    tasks that read the examples run in other processes that may not share the
-    driver's environment (a cluster started before the variables were set). Without
-    such variables the remote side resolves its own credentials (instance roles)."""
+    Like `storage.arrow_filesystem`, as a pickleable filesystem for Ray Train's
+    controller and the Ray Data tasks that read the examples. It carries the endpoint and
+    region (settings), never credentials: the remote side resolves its own, from its
+    node's environment or instance role, the ways Ray and the clouds document."""
     import pyarrow.fs as pafs
     import s3fs
 
@@ -104,11 +103,6 @@ def ray_filesystem(path: str):
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         kwargs["endpoint_url"] = endpoint
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        kwargs["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        kwargs["secret"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-        if os.environ.get("AWS_SESSION_TOKEN"):
-            kwargs["token"] = os.environ["AWS_SESSION_TOKEN"]
     if os.environ.get("AWS_DEFAULT_REGION"):
         kwargs["client_kwargs"] = {"region_name": os.environ["AWS_DEFAULT_REGION"]}
     filesystem = s3fs.S3FileSystem(skip_instance_cache=True, **kwargs)
