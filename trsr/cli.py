@@ -40,12 +40,13 @@ from trsr.ray_utils import VERBOSE_ENV, quiet_logs
 Result = tuple[Any, str | None]
 
 
-def _experiment(args: argparse.Namespace, extra: Sequence[str] = (), save: bool = True) -> ExperimentConfig:
+def _experiment(args: argparse.Namespace, extra: Sequence[str] = (), save: bool = True,
+                defaults: bool = False) -> ExperimentConfig:
     """The experiment of a command: --config (then saved into its run folder unless
     `save` is false), else the config the --run-dir folder holds; --run-dir always names
     the run folder."""
     overrides = list(extra) + list(args.overrides)
-    if args.config:
+    if args.config or defaults:  # defaults: no recipe, the config's defaults + overrides
         if args.run_dir:
             overrides.insert(0, f"run_dir={args.run_dir}")
         experiment = load(ExperimentConfig, args.config, overrides)
@@ -87,12 +88,8 @@ def _cmd_prepare(args: argparse.Namespace) -> Result:
     extra = [f"prepare.source.{key}={value}" for key, value in (("format", args.format), ("path", args.input)) if value]
     if args.seed is not None:
         extra.append(f"seed={args.seed}")
-    if args.config is None:  # FORMAT --input --run-dir: a recipe of defaults, saved as such
-        experiment = load(ExperimentConfig, None, [f"run_dir={args.run_dir}", *extra, *args.overrides])
-        save_run_config(experiment)
-        worker_logs.log_to_run_folder(experiment.run_dir)
-    else:
-        experiment = _experiment(args, extra)
+    # FORMAT --input --run-dir without a recipe: the defaults, saved as the folder's recipe
+    experiment = _experiment(args, extra, defaults=args.config is None)
     stats = prepare(experiment.prepare, experiment.context(), force=args.force)
     note = " (up to date, skipped)" if stats.get("skipped") else ""
     return stats, f"{describe(stats)}\n\nprepared data in {experiment.run_dir}/prepared{note}"

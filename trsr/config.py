@@ -105,14 +105,15 @@ def build(cls: type[C], data: dict[str, Any], origin: str = "config") -> C:
 
 
 def load(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None,
-         base: dict[str, Any] | None = None) -> C:
-    """Config of type `cls` from an optional YAML file, a base dict and overrides."""
+         base: dict[str, Any] | None = None, origin: str | None = None) -> C:
+    """Config of type `cls` from an optional YAML file, a base dict and overrides;
+    errors name `origin` (default: the file)."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = _deep_merge(data, read_yaml(path))
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value)
-    return build(cls, data, origin=str(path) if path else "config")
+    return build(cls, data, origin=origin or (str(path) if path else "config"))
 
 
 def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from pydantic import model_validator
 from trsr import storage
 
 from trsr.baselines.config import BaselinesConfig
-from trsr.config import Section, build, parse_overrides, set_dotted
+from trsr.config import Section, load
 from trsr.errors import ConfigError
 from trsr.data.config import PrepareConfig
 from trsr.evaluate.config import EvaluateConfig
@@ -139,7 +139,4 @@ def load_run_config(run_dir: str, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data["run_dir"] = str(run_dir)
-    for key, value in parse_overrides(overrides):
-        set_dotted(data, key, value)
-    return build(ExperimentConfig, data, origin=path)
+    return load(ExperimentConfig, None, [f"run_dir={run_dir}", *(overrides or [])], base=data, origin=path)

@@ -203,12 +203,16 @@ def _write(
     return stats
 
 
+def _shown_split(stats: dict) -> str:
+    return "test" if "test" in stats else "valid"
+
+
 def describe_brief(result: dict) -> str:
     """One line for `trsr run` (its closing table has every metric): the models and
     their seconds, the best by Recall@3."""
     scored = {}
     for method, stats in result.items():
-        split = "test" if "test" in stats else "valid"
+        split = _shown_split(stats)
         scored[method] = (stats.get(split, {}).get("metrics", {}).get("recall@3", float("nan")), split)
     best = max(scored, key=lambda m: scored[m][0]) if scored else None
     seconds = ", ".join(
@@ -224,7 +228,7 @@ def describe(result: dict) -> str:
     header = f"{'method':<14} {'split':<6} " + " ".join(f"{m:>9}" for m in METRICS_SHOWN) + f" {'seconds':>8}  note"
     lines.append(header)
     for method, stats in result.items():
-        split = "test" if "test" in stats else "valid"
+        split = _shown_split(stats)
         metrics = stats.get(split, {}).get("metrics", {})
         cells = " ".join(f"{metrics.get(m, float('nan')):>9.4f}" for m in METRICS_SHOWN)
         note = "up to date, skipped" if stats.get("skipped") else ""
