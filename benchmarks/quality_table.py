@@ -71,7 +71,7 @@ def evaluate_run(experiment: ExperimentConfig, split: str = "test") -> dict:
     """Every method under scores/, on the lists all of them share."""
     from trsr.evaluate.report import evaluate
 
-    return evaluate(experiment.evaluate, experiment.context(), split=split, write=True)
+    return evaluate(experiment.evaluate, experiment.context(), split=split, write=True, encoder=experiment.baselines.encoder)
 
 
 def dataset_table(name: str, extra: list[str], llm: bool) -> dict:

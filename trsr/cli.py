@@ -167,7 +167,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> Result:
     from trsr.evaluate.report import evaluate, markdown
 
     experiment = _experiment(args)
-    result = evaluate(experiment.evaluate, experiment.context(), split=args.split)
+    result = evaluate(experiment.evaluate, experiment.context(), split=args.split, encoder=experiment.baselines.encoder)
     return result, markdown(result)
 
 

@@ -106,7 +106,7 @@ def run_pipeline(experiment: ExperimentConfig, force: bool = False) -> dict:
     # This run's methods (plus any named in evaluate.methods), not stale folders of
     # earlier configs.
     methods = list(dict.fromkeys((experiment.evaluate.methods or []) + methods))
-    report = stages.run("evaluate", lambda: evaluate(experiment.evaluate, context, methods=methods), lambda r: "", results)
+    report = stages.run("evaluate", lambda: evaluate(experiment.evaluate, context, methods=methods, encoder=experiment.baselines.encoder), lambda r: "", results)
     print(markdown(report, full=False), flush=True)
     split = report["split"]
     print(f"pipeline finished in {time.perf_counter() - started:.1f} s; the report (these tables, the summaries' "

@@ -16,7 +16,7 @@ import pytest
 
 from trsr import storage
 from trsr.baselines.config import MODELS, NEURAL_MODELS, BaselinesConfig
-from trsr.baselines.embeddings import compute_embeddings, embeddings_path, load_embeddings
+from trsr.data.embeddings import compute_embeddings, embeddings_path, load_embeddings
 from trsr.baselines.job import run_baselines, scores_path
 from trsr.config import load
 from trsr.data.prepare import prepare

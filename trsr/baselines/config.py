@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from trsr.config import Section
-from trsr.llm.models import DEFAULT_ENCODER
+from trsr.data.embeddings import EncoderConfig
 
 # Models that learn from item text embeddings, and how they are trained:
 #   "ctr"         score(history, candidate) -> logit, binary cross-entropy per candidate
@@ -34,33 +34,6 @@ NEURAL_MODELS = {
 SIMPLE_MODELS = ("popularity", "random")
 MODELS = tuple(NEURAL_MODELS) + SIMPLE_MODELS
 MIN_BATCH = 8  # smallest batch min_steps_per_epoch lowers to
-
-
-class EncoderConfig(Section):
-    """The pre-trained text encoder that turns every item's text into one vector."""
-
-    # Built-in name (all-minilm-l6-v2, from a PyPI wheel), local HF folder, or hub id
-    # in the local HF cache. The paper used BERT.
-    model: str = DEFAULT_ENCODER
-    # Items per encoder call, and the Ray Data batch size.
-    batch_size: int = Field(64, ge=1)
-    # Tokens per item text (longer texts are truncated).
-    max_length: int = Field(128, ge=8)
-    # Mean pooling over tokens (sentence-transformers style) or the [CLS] vector.
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = True
-    # Characters kept per attribute value before encoding (long descriptions).
-    max_chars: int | None = Field(1000, ge=10)
-    # Encoder actors and their resources.
-    actors: int = Field(1, ge=1)
-    num_cpus: float = Field(1.0, ge=0)
-    num_gpus: float = Field(0.0, ge=0)
-    # torch threads per encoder actor (null: torch's default).
-    torch_threads: int | None = Field(None, ge=1)
-    # "all": every catalogue item (training negatives are drawn from the catalogue, as
-    # the protocol draws test negatives); "used": only items in some ranking list or
-    # history (much cheaper on huge catalogues; training negatives come from those).
-    items: Literal["all", "used"] = "all"
 
 
 class BaselinesConfig(Section):

@@ -101,8 +101,8 @@ def run_baselines(config: BaselinesConfig, context: RunContext, force: bool = Fa
     """
     import ray
 
-    from trsr.baselines.embeddings import _fingerprint as embeddings_fingerprint
-    from trsr.baselines.embeddings import compute_embeddings, load_embeddings
+    from trsr.data.embeddings import embeddings_fingerprint
+    from trsr.data.embeddings import compute_embeddings, load_embeddings
     from trsr.ray_utils import init_ray, require_resources
 
     seed = config.seed if config.seed is not None else context.seed

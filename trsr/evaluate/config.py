@@ -9,6 +9,16 @@ from pydantic import Field, model_validator
 from trsr.config import Section
 
 
+class SummaryProbeConfig(Section):
+    """The report's summary probe (trsr.evaluate.summary_probe): how much of the user a
+    summary carries, measured without the LLM recommender."""
+
+    enabled: bool = True
+    # Lists probed per summary mode (a seeded sample of those with a usable summary):
+    # encoded in the driver, about 1,000 lists a minute on one CPU core.
+    max_lists: int = Field(1000, ge=1)
+
+
 class EvaluateConfig(Section):
     """Section `evaluate` of an experiment."""
 
@@ -26,6 +36,9 @@ class EvaluateConfig(Section):
     # Example users in the report (seeded draw of the lists): recent items, summaries,
     # each method's top candidates with p(yes), the positive marked; 0 = none.
     examples: int = Field(2, ge=0)
+    # Summaries against the history and another user's summary, with the baselines'
+    # item encoder (baselines.encoder).
+    summary_probe: SummaryProbeConfig = SummaryProbeConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "EvaluateConfig":

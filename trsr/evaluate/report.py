@@ -27,6 +27,8 @@ from trsr.evaluate.chart import write_chart
 from trsr.evaluate.config import EvaluateConfig
 from trsr.evaluate.examples import by_family, example_users, markdown_examples, method_family
 from trsr.evaluate.metrics import bootstrap_ci, chance_level, mean_metrics, per_list_metrics
+from trsr.evaluate.summary_probe import markdown_probe, probe_summaries
+from trsr.data.embeddings import EncoderConfig
 from trsr.schema import SUMMARY_UNUSED as UNUSED
 from trsr.schema import lists_without_summary as count_without
 from trsr.runner import RunContext
@@ -66,10 +68,11 @@ def _read_scores(run_dir: str, method: str, split: str) -> pa.Table:
 
 def evaluate(
     config: EvaluateConfig, context: RunContext, split: str | None = None, methods: list[str] | None = None,
-    write: bool = True,
+    write: bool = True, encoder: EncoderConfig | None = None,
 ) -> dict:
     """Metrics of `methods` (default evaluate.methods, else every method found) on
-    `split` (default evaluate.split); writes the report."""
+    `split` (default evaluate.split), and the summary probe with `encoder` (the
+    baselines' item encoder; default its defaults); writes the report."""
     split = split or config.split
     run_dir = context.run_dir
     methods = methods or config.methods or find_methods(run_dir, split)
@@ -145,6 +148,10 @@ def evaluate(
         "chance_note": chance_note,
         "run": run_facts(run_dir, list(rows), split),
         "examples": example_users(run, split, tables, sorted(common), config.examples, context.seed),
+        "summary_probe": probe_summaries(
+            config.summary_probe, encoder or EncoderConfig(), run, split,
+            ks=ks, ties=config.ties, bootstrap=config.bootstrap, alpha=alpha, seed=context.seed,
+        ),
     }
     if write:
         storage.write_json(result, report_path(run_dir, split, "json"))
@@ -263,6 +270,9 @@ def markdown(result: dict, full: bool = True) -> str:
         families.setdefault(row.get("family", "other"), []).append(method)
     if len(families) > 1:
         lines.append("Methods by family: " + "; ".join(f"{f} {', '.join(m)}" for f, m in families.items()) + ".")
+    probe = markdown_probe(result.get("summary_probe") or {}, ks)
+    if probe:
+        lines += [""] + probe
     if full:
         lines += _run_block(result.get("run") or {})
         lines += markdown_examples(result.get("examples") or [])

@@ -8,7 +8,9 @@
 
 A stage of the runner (trsr.runner): streamed, resumable, keyed by a fingerprint of the
 encoder settings and the prepared data; an up-to-date folder is reused (baselines
-trained with other settings share it).
+trained with other settings share it). It lives in `data` because two stage packages
+read the vectors: the baselines (their item input) and the report's summary probe
+(trsr.evaluate.summary_probe: summaries and items in one vector space).
 
 `EncodeStage` is a plain class over Arrow batches (no Ray inside). The runner cuts the
 input into blocks of `batch_size` items in the catalogue's order, so every item is
@@ -20,15 +22,16 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from pydantic import Field
 
 from trsr import storage
-from trsr.baselines.config import EncoderConfig
-from trsr.config import fingerprint
+from trsr.config import Section, fingerprint
+from trsr.llm.models import DEFAULT_ENCODER
 from trsr.schema import EMBEDDINGS, SPLITS
 from trsr.data.text import render_item
 from trsr.errors import TrsrError
@@ -40,6 +43,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STAGE = "embeddings"
 TEXTS = pa.schema([pa.field("item_id", pa.string(), nullable=False), pa.field("text", pa.string(), nullable=False)])
+
+
+class EncoderConfig(Section):
+    """The pre-trained text encoder that turns every item's text into one vector."""
+
+    # Built-in name (all-minilm-l6-v2, from a PyPI wheel), local HF folder, or hub id
+    # in the local HF cache. The paper used BERT.
+    model: str = DEFAULT_ENCODER
+    # Items per encoder call, and the Ray Data batch size.
+    batch_size: int = Field(64, ge=1)
+    # Tokens per item text (longer texts are truncated).
+    max_length: int = Field(128, ge=8)
+    # Mean pooling over tokens (sentence-transformers style) or the [CLS] vector.
+    pooling: Literal["mean", "cls"] = "mean"
+    normalize: bool = True
+    # Characters kept per attribute value before encoding (long descriptions).
+    max_chars: int | None = Field(1000, ge=10)
+    # Encoder actors and their resources.
+    actors: int = Field(1, ge=1)
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    # torch threads per encoder actor (null: torch's default).
+    torch_threads: int | None = Field(None, ge=1)
+    # "all": every catalogue item (training negatives are drawn from the catalogue, as
+    # the protocol draws test negatives); "used": only items in some ranking list or
+    # history (much cheaper on huge catalogues; training negatives come from those).
+    items: Literal["all", "used"] = "all"
 
 
 def encoder_name(ref: str) -> str:
@@ -127,7 +157,7 @@ def _used_items(run: RunFolder) -> pa.Array:
     return pa.array(sorted(seen), pa.string())
 
 
-def _fingerprint(config: EncoderConfig, run: RunFolder) -> str:
+def embeddings_fingerprint(config: EncoderConfig, run: RunFolder) -> str:
     prepared = run.prepared_fingerprint()
     # Resources do not change the vectors; the batch size does (padding), slightly.
     settings = config.model_dump(exclude={"actors", "num_cpus", "num_gpus", "torch_threads"})
@@ -142,7 +172,7 @@ def compute_embeddings(config: EncoderConfig, context: RunContext, force: bool =
     from trsr.runner import Step, StageJob, run_stage
 
     run = context.run
-    key = _fingerprint(config, run)
+    key = embeddings_fingerprint(config, run)
     folder = embeddings_folder(run.root, config.model)
     where = []
     if config.items == "used":
