@@ -7,7 +7,8 @@ import pytest
 from trsr import storage
 from trsr.data.embeddings import EncoderConfig, compute_embeddings
 from trsr.evaluate.report import markdown
-from trsr.runs import RunFolder
+from trsr.runs import RunFolder, remove
+from trsr.errors import TrsrError
 from trsr.schema import ITEMS, SUMMARIES
 
 from tests.evaluate.test_report import evaluate_run, experiment, write_scores
@@ -119,3 +120,17 @@ def test_probe_reads_the_baselines_item_vectors_when_they_are_up_to_date(tmp_pat
         for name, ranker in reused[mode]["rankers"].items():
             for metric, value in ranker["metrics"].items():
                 assert value == pytest.approx(encoded_here[mode]["rankers"][name]["metrics"][metric], abs=0.03)
+
+
+def test_summaries_without_scores_give_a_report_with_the_probe_only(tmp_path):
+    """Comparing summarizers needs no scoring: the report has the probe alone."""
+    run_dir = str(tmp_path / "run")
+    run = write_run(run_dir)
+    remove(run.stage_dir(RunFolder.SCORES))
+    result = evaluate_run(run_dir)
+    assert result["methods"] == {} and result["summary_probe"]["hierarchical"]["probed"] == 40
+    md = storage.read_bytes(storage.join(run_dir, "report", "test.md")).decode()
+    assert md.startswith("# test split: no scored method yet; the summary probe only")
+    assert "| hierarchical | tiny-summarizer | 40 of 40 usable (48 lists) | summary |" in md
+    with pytest.raises(TrsrError, match="no scores for split 'test'"):
+        evaluate_run(run_dir, "evaluate.summary_probe.enabled=false")

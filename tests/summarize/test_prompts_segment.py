@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from trsr.errors import ConfigError
@@ -12,14 +14,25 @@ def test_presets_differ_by_domain_and_fill_placeholders():
     news, shopping = load_prompts("news"), load_prompts("shopping")
     assert "news" in news.block and "shopping" in shopping.block
     assert news.hash != shopping.hash
-    for domain in DOMAINS:
-        prompts = load_prompts(domain)
+    for domain, style in itertools.product(DOMAINS, ("free_form", "attributes")):
+        prompts = load_prompts(domain, style=style)
         assert "1. A" in prompts.block_prompt("1. A")
         merged = prompts.merge_prompt(["first", "second"])
         assert "1. first" in merged and "2. second" in merged
         update = prompts.update_prompt("likes sport", "1. B")
         assert "likes sport" in update and "1. B" in update
         assert "{" not in update
+
+
+def test_styles_ask_for_different_things_and_the_config_picks_one():
+    from trsr.summarize.config import SummarizeConfig
+
+    free, attributes = load_prompts("shopping"), load_prompts("shopping", style="attributes")
+    assert free.hash != attributes.hash  # the summaries' fingerprint follows the wording
+    assert "describe this user" in free.block and "recur" in attributes.merge
+    assert SummarizeConfig(domain="shopping", style="attributes").prompts() == attributes
+    with pytest.raises(ConfigError, match="unknown style"):
+        load_prompts("news", style="haiku")
 
 
 def test_override_file_replaces_templates_and_is_validated(tmp_path):

@@ -75,13 +75,33 @@ def evaluate(
     baselines' item encoder; default its defaults); writes the report."""
     split = split or config.split
     run_dir = context.run_dir
+    run = context.run
+    ks = tuple(config.ks)
+    alpha = 1.0 - config.confidence
+    probe = probe_summaries(
+        config.summary_probe, encoder or EncoderConfig(), run, split,
+        ks=ks, ties=config.ties, bootstrap=config.bootstrap, alpha=alpha, seed=context.seed,
+    )
     methods = methods or config.methods or find_methods(run_dir, split)
     if not methods:
-        raise TrsrError(
+        missing = (
             f"{RunFolder(run_dir).stage_dir(RunFolder.SCORES)}: no scores for split {split!r}; run `trsr score` "
             "(or `trsr baselines`) first"
         )
-    run = context.run
+        if not probe:
+            raise TrsrError(missing)
+        # Summaries without scores (comparing summarizers): the probe alone.
+        log.warning("%s; the report has the summary probe only", missing)
+        result = {
+            "run_dir": run_dir, "split": split, "ks": list(ks), "ties": config.ties,
+            "confidence": config.confidence, "bootstrap": config.bootstrap, "seed": context.seed,
+            "lists": 0, "methods": {}, "chance": {}, "chance_note": "", "examples": [],
+            "run": run_facts(run_dir, [], split), "summary_probe": probe,
+        }
+        if write:
+            storage.write_json(result, report_path(run_dir, split, "json"))
+            storage.write_text(markdown(result), report_path(run_dir, split, "md"))
+        return result
     families = {method: method_family(run, method, split) for method in methods}
     methods = by_family(families)
     tables = {method: _read_scores(run_dir, method, split) for method in methods}
@@ -97,8 +117,6 @@ def evaluate(
             len(common),
         )
     keep = pa.array(sorted(common))
-    ks = tuple(config.ks)
-    alpha = 1.0 - config.confidence
     rows: dict[str, dict] = {}
     list_sizes: set[int] = set()
     for method, table in tables.items():
@@ -148,10 +166,7 @@ def evaluate(
         "chance_note": chance_note,
         "run": run_facts(run_dir, list(rows), split),
         "examples": example_users(run, split, tables, sorted(common), config.examples, context.seed),
-        "summary_probe": probe_summaries(
-            config.summary_probe, encoder or EncoderConfig(), run, split,
-            ks=ks, ties=config.ties, bootstrap=config.bootstrap, alpha=alpha, seed=context.seed,
-        ),
+        "summary_probe": probe,
     }
     if write:
         storage.write_json(result, report_path(run_dir, split, "json"))
@@ -243,6 +258,10 @@ def markdown(result: dict, full: bool = True) -> str:
         f"({result['bootstrap']} resamples of the lists), ties {result['ties']}",
         "",
     ]
+    if not result["methods"]:  # summaries without scores: the probe alone
+        lines = [f"# {result['split']} split: no scored method yet; the summary probe only", ""]
+        lines += markdown_probe(result.get("summary_probe") or {}, ks)
+        return "\n".join(lines + (_run_block(result.get("run") or {}) if full else [])) + "\n"
     for names in (main, extra):
         header = ["method", "users"] + [n.replace("recall", "Recall").replace("mrr", "MRR").replace("ndcg", "NDCG").replace("auc", "AUC") for n in names]
         lines.append("| " + " | ".join(header) + " |")

@@ -47,6 +47,10 @@ class SummarizeConfig(Section):
     modes: list[Literal["hierarchical", "recurrent"]] = ["hierarchical", "recurrent"]
     # Prompt preset (wording): news, shopping or generic.
     domain: Domain = "news"
+    # What the templates ask for: "free_form" (the paper's style: describe the user in
+    # two to four sentences) or "attributes" (name the kinds, series, brands, platforms
+    # and themes that recur, in the items' words: what a small model does faithfully).
+    style: Literal["free_form", "attributes"] = "free_form"
     # YAML file replacing any of the templates block / merge / update.
     prompts_file: str | None = None
     # Items per block (paper: 5).
@@ -85,7 +89,7 @@ class SummarizeConfig(Section):
         """This config's PromptSet (domain preset and override file)."""
         from trsr.summarize.prompts import load_prompts
 
-        return load_prompts(self.domain, self.prompts_file)
+        return load_prompts(self.domain, self.prompts_file, self.style)
 
     @model_validator(mode="after")
     def _check_max_users(self) -> "SummarizeConfig":

@@ -26,7 +26,12 @@ from trsr.errors import ConfigError
 
 REQUIRED = {"block": ("{items}",), "merge": ("{summaries}",), "update": ("{summary}", "{items}")}
 
-def _preset(domain: str) -> dict[str, str]:
+STYLES = ("free_form", "attributes")
+
+
+def _preset(domain: str, style: str = "free_form") -> dict[str, str]:
+    if style == "attributes":
+        return _attributes_preset(domain)
     d = DOMAIN_WORDS[domain]
     return {
         "block": (
@@ -57,6 +62,42 @@ def _preset(domain: str) -> dict[str, str]:
     }
 
 
+def _attributes_preset(domain: str) -> dict[str, str]:
+    """Ask a small model for what it can do faithfully: name what recurs in the items
+    (kinds, series, brands, platforms, themes) in the items' own words, rather than
+    describe a person in free prose (which a 135M model fills with places, brands and
+    styles found nowhere in the history; see trsr.evaluate.summary_probe)."""
+    d = DOMAIN_WORDS[domain]
+    keep = (
+        f"Use the words of the {d['items']} (series, brands, platforms, genres, topics); "
+        "add nothing that is not in them"
+    )
+    return {
+        "block": (
+            f"Here are {d['what']}, oldest first.\n\n"
+            "{items}\n\n"
+            f"In one or two sentences, say which kinds of {d['items']}, series, brands, platforms "
+            f"and themes this user's {d['interests']} keep returning to. {keep}."
+        ),
+        "merge": (
+            f"Here are notes on one user's {d['interests']}, each covering a later period "
+            "than the one before.\n\n"
+            "{summaries}\n\n"
+            f"Combine them into one note of one or two sentences that names the kinds of "
+            f"{d['items']}, series, brands, platforms and themes that recur, the most frequent "
+            f"first. {keep}."
+        ),
+        "update": (
+            f"Here is a note on a user's {d['interests']} so far.\n\n"
+            "Note: {summary}\n\n"
+            f"Then the user had these {d['items']}, oldest first:\n\n"
+            "{items}\n\n"
+            f"Rewrite the note in one or two sentences so that it names the kinds of "
+            f"{d['items']}, series, brands, platforms and themes that recur in both, the most "
+            f"frequent first. {keep}."
+        ),
+    }
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -84,11 +125,14 @@ def numbered(lines: list[str], blank_line: bool = False) -> str:
     return separator.join(f"{k}. {line}" for k, line in enumerate(lines, start=1))
 
 
-def load_prompts(domain: str, override_file: str | None = None) -> PromptSet:
-    """The preset for `domain`, with templates replaced from `override_file` if given."""
+def load_prompts(domain: str, override_file: str | None = None, style: str = "free_form") -> PromptSet:
+    """The preset for `domain` and `style`, with templates replaced from `override_file`
+    if given."""
     if domain not in DOMAIN_WORDS:
         raise ConfigError(f"summarize.domain: unknown domain {domain!r}; one of {DOMAINS}")
-    templates = _preset(domain)
+    if style not in STYLES:
+        raise ConfigError(f"summarize.style: unknown style {style!r}; one of {STYLES}")
+    templates = _preset(domain, style)
     if override_file:
         path = Path(override_file)
         if not path.is_file():
