@@ -1,18 +1,22 @@
 """Quality table (the paper's Table 2 layout): baselines (and LLM variants) per dataset.
 
-    .venv/bin/python benchmarks/quality_table.py                 # amazon-games-6k + demo
+    .venv/bin/python benchmarks/quality_table.py                 # baselines: amazon_games_cpu + demo
     .venv/bin/python benchmarks/quality_table.py --datasets demo --set baselines.epochs=5
-    .venv/bin/python benchmarks/quality_table.py --llm           # also the LLM variants
+    .venv/bin/python benchmarks/quality_table.py --datasets amazon_games_cpu --llm
+                                          # + every LLM variant (about an hour on 2 cores)
 
 For each dataset: prepare (skipped when up to date), train and score the baselines
 (`trsr.baselines.job.run_baselines`, skipped when up to date), optionally run the LLM
 pipeline (`--llm`), then evaluate every method found under <run_dir>/scores/ on the
 test lists that all of them share (`trsr.evaluate.report`): Recall@3/5/10 and MRR@3/5/10
-with 95% bootstrap intervals and the number of users behind each figure.
+with 95% bootstrap intervals and the number of users behind each figure; per LLM
+method the lists scored without a usable summary; the report's summary probe (how much
+of the user is in the summaries); every stage's seconds.
 
-Writes benchmarks/results/quality_table.md and .json; run folders live in
+Writes benchmarks/results/quality_table.md and .json, and per dataset
+quality_table-<dataset>.png (the report's chart); run folders live in
 benchmarks/results/cache/quality/<dataset>/ (the repository's configs' run_dir is not
-touched). `../shared/data/amazon-games-6k` is skipped with a note when absent.
+touched). A recipe whose data under ../shared/data is absent is skipped with a note.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ COLUMNS = [f"recall@{k}" for k in KS] + [f"mrr@{k}" for k in KS]
 
 DATASETS = {
     # name: (recipe, overrides that keep the run inside the benchmark cache)
-    "amazon_games": ("jobs/configs/amazon_games.yaml", []),
+    "amazon_games_cpu": ("jobs/configs/amazon_games_cpu.yaml", []),
+    "amazon_games": ("jobs/configs/amazon_games.yaml", []),  # the paper's sizes: GPUs
     "demo": (
         "jobs/configs/demo.yaml",
         [f"prepare.source.path={CACHE / 'demo-data' / 'mind-synthetic'}"],
@@ -55,7 +60,7 @@ def run_llm(experiment: ExperimentConfig) -> None:
     """The LLM variants of the recipe (`variants`): summarize, train, score into
     scores/<method>/ with the same pipeline `trsr run` uses (each stage skipped when up
     to date). On CPU only the demo recipe is sized for this; amazon_games follows the
-    paper's training settings and wants GPUs."""
+    paper's training settings and wants GPUs; amazon_games_cpu is sized for 2 cores."""
     from trsr.pipeline import run_pipeline
 
     run_pipeline(experiment.model_copy(update={"with_baselines": False}))
@@ -74,7 +79,7 @@ def evaluate_run(experiment: ExperimentConfig, split: str = "test") -> dict:
     return evaluate(experiment.evaluate, experiment.context(), split=split, write=True, encoder=experiment.baselines.encoder)
 
 
-def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
+def dataset_table(name: str, extra: list[str], llm: bool, chart: Path | None = None) -> dict:
     from trsr import storage
     from trsr.baselines.job import run_baselines
     from trsr.data.prepare import prepare
@@ -88,6 +93,10 @@ def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
         run_llm(experiment)
     result = evaluate_run(experiment)
     seconds = time.perf_counter() - started
+    if chart is not None:
+        from trsr.evaluate.chart import write_chart
+
+        write_chart(result, str(chart))
     stats = storage.read_json(RunFolder(experiment.run_dir).stats("prepared"))
     users = {m: row["users"] for m, row in result["methods"].items()}
     if len(set(users.values())) != 1:
@@ -105,6 +114,8 @@ def dataset_table(name: str, extra: list[str], llm: bool) -> dict:
         "chance": result.get("chance", {}),
         "baselines": timing,
         "baselines_config": experiment.baselines.model_dump(mode="json"),
+        "summary_probe": result.get("summary_probe") or {},
+        "stage_seconds": (result.get("run") or {}).get("stage_seconds") or {},
         "seconds": round(seconds, 1),
     }
 
@@ -118,7 +129,8 @@ def markdown(tables: list[dict]) -> str:
     for table in tables:
         lines.append(f"## {table['dataset']} ({table['lists']} test lists, 1 positive + 20 negatives)")
         lines.append("")
-        header = ["method", "users"] + [c.replace("recall", "Recall").replace("mrr", "MRR") for c in COLUMNS]
+        header = ["method", "users"] + [c.replace("recall", "Recall").replace("mrr", "MRR") for c in COLUMNS] + [
+            "AUC", "no summary"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] * len(header)) + "|")
         for method, row in table["methods"].items():
@@ -126,10 +138,25 @@ def markdown(tables: list[dict]) -> str:
             for c in COLUMNS:
                 low, high = row["intervals"][c]
                 cells.append(f"{row['metrics'][c]:.3f} [{low:.3f}, {high:.3f}]")
+            low, high = row["intervals"]["auc"]
+            cells.append(f"{row['metrics']['auc']:.3f} [{low:.3f}, {high:.3f}]")
+            without = row.get("lists_without_summary")
+            cells.append("" if without is None else f"{without} of {row['lists_scored']}")
             lines.append("| " + " | ".join([method, str(row["users"])] + cells) + " |")
         if table["chance"]:
-            lines.append("| " + " | ".join(["(chance)", ""] + [f"{table['chance'][c]:.3f}" for c in COLUMNS]) + " |")
+            lines.append("| " + " | ".join(["(chance)", ""] + [f"{table['chance'][c]:.3f}" for c in COLUMNS]
+                                           + [f"{table['chance'].get('auc', 0.5):.3f}", ""]) + " |")
         lines.append("")
+        lines.append("`no summary`: lists an LLM method scored without a usable summary (prompted with the "
+                     "recent items only).")
+        lines.append("")
+        if table.get("summary_probe"):
+            from trsr.evaluate.summary_probe import markdown_probe
+
+            lines += ["#" + line if line.startswith("## ") else line for line in markdown_probe(table["summary_probe"], list(KS))]
+        if table.get("stage_seconds"):
+            lines.append("Stage seconds: " + ", ".join(f"{n} {s:,.0f}" for n, s in table["stage_seconds"].items()) + ".")
+            lines.append("")
         timing = ", ".join(
             f"{m} {t['seconds']:.0f}s" + (f" (best epoch {t['best_epoch']})" if t["best_epoch"] else "")
             for m, t in table["baselines"].items() if t["seconds"] is not None
@@ -150,14 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     tables = []
-    for name in args.datasets:
-        if name == "amazon_games" and not (REPO.parent / "shared" / "data" / "amazon-games-6k").is_dir():
-            print(f"skipping {name}: ../shared/data/amazon-games-6k not present")
-            continue
-        tables.append(dataset_table(name, args.overrides, args.llm))
-    text = markdown(tables)
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.datasets:
+        source = Path(experiment_for(name, args.overrides).prepare.source.path)
+        if "shared" in source.parts and not source.exists():
+            print(f"skipping {name}: {source} not present")
+            continue
+        tables.append(dataset_table(name, args.overrides, args.llm, chart=output.with_name(f"{output.name}-{name}.png")))
+    text = markdown(tables)
     output.with_suffix(".md").write_text(text)
     output.with_suffix(".json").write_text(json.dumps(tables, indent=2))
     print(text)

@@ -353,3 +353,21 @@ def test_progress_lines_are_not_repeated_but_a_stalled_stage_still_shows_a_heart
     assert not worth_a_line((0, 0), (0, 0), 1)  # the engine is still warming up: no repeat
     assert worth_a_line((0, 0), (0, 0), HEARTBEAT_PERIODS)  # ... until the heartbeat
     assert worth_a_line((32, 0), (0, 0), 1) and worth_a_line((32, 1), (32, 0), 1)  # news
+
+
+def even_rows(table: pa.Table) -> int:
+    """Rows of an output batch whose x2 is a multiple of 4 (even ids): the 'work'."""
+    return int(pc.sum(pc.equal(pc.bit_wise_and(table.column("x2"), 3), 0)).as_py() or 0)
+
+
+def test_progress_counts_the_rows_that_get_work_when_a_stage_passes_others_on(tmp_path, ray_local):
+    """StageJob.work_rows / work_total (summarize: lists beyond max_users pass on
+    unsummarized): the rate and ETA follow the rows that got the work; the accounting
+    still covers every row."""
+    the_job = job(tmp_path)
+    the_job.work_rows, the_job.work_total = even_rows, 20
+    stats = run_stage(the_job, QUIET)
+    assert stats["rows_in"] == stats["rows_computed"] == stats["rows_out"] == 40
+    assert stats["rows_per_s"] * stats["seconds"] == pytest.approx(20, abs=0.5)  # 20 rows of work, not 40
+    plain = run_stage(job(tmp_path / "plain"), QUIET)
+    assert plain["rows_per_s"] * plain["seconds"] == pytest.approx(40, abs=0.5)

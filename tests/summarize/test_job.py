@@ -167,5 +167,13 @@ def test_max_users_caps_each_split_or_fills_test_first(prepared):
     assert split_caps(run, {"test": None, "valid": 0, "train": 3}) == {"train": 3, "valid": 0, "test": None}
     # A total takes test lists first, then valid, then train.
     assert split_caps(run, rows["test"] + 2) == {"test": rows["test"], "valid": 2, "train": 0}
+    # Progress counts the lists the caps let through (the others pass on unsummarized).
+    from trsr.summarize.job import summarize_job
+
+    capped = experiment(prepared / "run", prepared / "data", "summarize.max_users={test: null, valid: 0, train: 3}")
+    job = summarize_job(capped.summarize, capped.context(), "hierarchical")
+    assert job.work_total == rows["test"] + 3 and job.work_rows is not None
+    every = experiment(prepared / "run", prepared / "data")
+    assert summarize_job(every.summarize, every.context(), "hierarchical").work_total is None
     with pytest.raises(ConfigError, match="max_users must be positive"):
         experiment(prepared / "x", prepared / "data", "summarize.max_users={train: -1}")

@@ -77,8 +77,9 @@ class _Guarded:
     """Ray Data actor class around one step (see the package doc: bisecting failures,
     passing failed rows on, reporting progress from the last step)."""
 
-    def __init__(self, step: Step, progress=None, failure_limit: int | None = None):
+    def __init__(self, step: Step, progress=None, failure_limit: int | None = None, work_rows=None):
         self.step = step
+        self.work_rows = work_rows  # StageJob.work_rows: what progress counts
         self.schema = output_schema(step.output_schema)
         self.stage = step.stage(**step.kwargs)
         self.progress = progress
@@ -131,6 +132,8 @@ class _Guarded:
         import ray
 
         failed = int(pc.sum(pc.is_valid(table.column(ERROR))).as_py() or 0) if table.num_rows else 0
+        if self.work_rows is not None:
+            rows_in = self.work_rows(table.filter(pc.is_null(table.column(ERROR)))) if table.num_rows else 0
         failed_total = ray.get(self.progress.add.remote(rows_in, failed))
         # Only a batch with failed rows of its own stops the stage, so that the error
         # names a real failed row (a clean batch reporting later would name none).

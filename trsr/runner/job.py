@@ -65,6 +65,12 @@ class StageJob:
     # REJECTS tables of rows rejected before this stage (e.g. by its grouping pass,
     # `run_grouping`), appended to its _rejects.parquet and counted as rows_rejected_before.
     earlier_rejects: Callable[[], list[pa.Table]] | None = None
+    # What progress (lines, ETA, rows_per_s) counts when a stage passes some rows on
+    # untouched (summarize: lists beyond summarize.max_users, status "missing"), so that
+    # the ETA follows the real work: `work_rows(output batch)` counts the rows that got
+    # the stage's work, `work_total` how many the input has. None: every row is work.
+    work_rows: Callable[[pa.Table], int] | None = None
+    work_total: int | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr import storage
@@ -79,8 +80,9 @@ def run_stage(job: StageJob, config: RunnerConfig | None = None, force: bool = F
     context.enable_progress_bars = False
     progress = progress_actor()
     printer = None
-    if config.progress_seconds and todo > 0:
-        printer = ProgressPrinter(job, progress, todo, config.progress_seconds)
+    todo_work = todo if job.work_total is None else max(job.work_total - _work_done(job, earlier), 0)
+    if config.progress_seconds and todo_work > 0:
+        printer = ProgressPrinter(job, progress, todo_work, config.progress_seconds)
         printer.start()
     trimmer = DriverHeapTrimmer(config.trim_driver_heap_seconds) if config.trim_driver_heap_seconds else None
     if trimmer is not None:
@@ -178,7 +180,10 @@ def _map(dataset, step: Step, progress, failure_limit, job: StageJob, config: Ru
 
     return dataset.map_batches(
         step_class(step.name),
-        fn_constructor_kwargs={"step": step, "progress": progress, "failure_limit": failure_limit},
+        fn_constructor_kwargs={
+            "step": step, "progress": progress, "failure_limit": failure_limit,
+            "work_rows": job.work_rows if progress is not None else None,
+        },
         compute=ray.data.ActorPoolStrategy(size=step.actors),
         batch_size=job.batch_rows,
         batch_format="pyarrow",
@@ -187,6 +192,15 @@ def _map(dataset, step: Step, progress, failure_limit, job: StageJob, config: Ru
         max_restarts=config.actor_restarts,
         max_task_retries=config.task_retries,
     )
+
+
+def _work_done(job: StageJob, earlier: set[str]) -> int:
+    """Rows of an interrupted run's committed output that got the stage's work."""
+    if not earlier or job.work_rows is None:
+        return 0
+    done = sum(job.work_rows(pa.Table.from_batches([batch])) for batch in storage.scan_batches(sorted(earlier)))
+    storage.release_arrow_memory()
+    return done
 
 
 def _committed_rows(folder: StageFolder, id_column: str) -> int:

@@ -165,6 +165,10 @@ def summarize_job(config: SummarizeConfig, context: RunContext, mode: str) -> St
         columns=columns,
         unit="users",
         block_stats=_block_stats,
+        # Lists beyond summarize.max_users pass on unsummarized: progress and ETA count
+        # the summarized ones.
+        work_rows=summarized_rows if caps and any(cap is not None for cap in caps.values()) else None,
+        work_total=_capped_total(run, caps),
         details={
             "mode": mode,
             "users": config.users,
@@ -173,6 +177,19 @@ def summarize_job(config: SummarizeConfig, context: RunContext, mode: str) -> St
             "settings_fingerprint": settings_fingerprint(config, context.seed, mode),
         },
     )
+
+
+def summarized_rows(table) -> int:
+    """Rows of an output batch that the summarizer worked on (StageJob.work_rows)."""
+    return int(pc.sum(pc.fill_null(pc.not_equal(table.column("status"), "missing"), False)).as_py() or 0)
+
+
+def _capped_total(run: RunFolder, caps: dict[str, int | None] | None) -> int | None:
+    """Lists summarize.max_users lets through (None: no cap, every list)."""
+    if not caps or all(cap is None for cap in caps.values()):
+        return None
+    return sum(storage_rows(run.lists(split)) if cap is None else min(cap, storage_rows(run.lists(split)))
+               for split, cap in caps.items())
 
 
 def _block_stats(table) -> dict:
