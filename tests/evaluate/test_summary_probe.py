@@ -134,3 +134,21 @@ def test_summaries_without_scores_give_a_report_with_the_probe_only(tmp_path):
     assert "| hierarchical | tiny-summarizer | 40 of 40 usable (48 lists) | summary |" in md
     with pytest.raises(TrsrError, match="no scores for split 'test'"):
         evaluate_run(run_dir, "evaluate.summary_probe.enabled=false")
+
+
+def test_a_mode_without_any_usable_summary_is_reported_as_such(tmp_path):
+    """A tiny or failing summarizer: every summary flagged; the probe says so."""
+    run_dir = str(tmp_path / "run")
+    run = write_run(run_dir)
+    for mode in ("hierarchical", "recurrent"):
+        folder = run.summaries(mode)
+        table = folder.read()
+        table = table.set_column(table.schema.get_field_index("status"), "status",
+                                 pa.array(["echo"] * table.num_rows, pa.string()))
+        remove(folder.path)
+        storage.write_parquet(table.cast(SUMMARIES), folder.join("part-0.parquet"))
+        folder.finish("by-hand", {})
+    result = evaluate_run(run_dir)
+    assert {m: (r["usable"], r["probed"], "rankers" in r) for m, r in result["summary_probe"].items()} == {
+        "hierarchical": (0, 0, False), "recurrent": (0, 0, False)}
+    assert "| hierarchical | tiny-summarizer | 0 of 0 usable (48 lists) | (no usable summary) |" in markdown(result)

@@ -116,6 +116,8 @@ def _models(table: pa.Table) -> list[str]:
 
 def _item_vectors(model: EncodeStage, encoder: EncoderConfig, run: RunFolder, items: list[str]) -> dict[str, np.ndarray]:
     """{item_id: vector} of `items`: from the run's up-to-date embeddings, else encoded here."""
+    if not items:  # no list with a usable summary
+        return {}
     folder = embeddings_folder(run.root, encoder.model)
     if folder.is_complete(embeddings_fingerprint(encoder, run)):
         ids, matrix = load_embeddings(folder.path)
@@ -123,7 +125,7 @@ def _item_vectors(model: EncodeStage, encoder: EncoderConfig, run: RunFolder, it
         found = {item: matrix[i] for i, item in enumerate(ids) if item in wanted}
         if len(found) == len(wanted):
             return found
-    catalogue = storage.parquet_dataset(run.items()).to_table(filter=pc.field("item_id").isin(items))
+    catalogue = storage.parquet_dataset(run.items()).to_table(filter=pc.field("item_id").isin(pa.array(items, pa.string())))
     texts = item_texts(catalogue, encoder.max_chars)
     return dict(zip(texts.column("item_id").to_pylist(), _encode(model, encoder, texts)))
 
