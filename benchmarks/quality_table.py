@@ -80,7 +80,6 @@ def evaluate_run(experiment: ExperimentConfig, split: str = "test") -> dict:
 
 
 def dataset_table(name: str, extra: list[str], llm: bool, chart: Path | None = None) -> dict:
-    from trsr import storage
     from trsr.baselines.job import run_baselines
     from trsr.data.prepare import prepare
     from trsr.runs import RunFolder
@@ -97,7 +96,7 @@ def dataset_table(name: str, extra: list[str], llm: bool, chart: Path | None = N
         from trsr.evaluate.chart import write_chart
 
         write_chart(result, str(chart))
-    stats = storage.read_json(RunFolder(experiment.run_dir).stats("prepared"))
+    stats = RunFolder(experiment.run_dir).prepared_stage.stats()
     users = {m: row["users"] for m, row in result["methods"].items()}
     if len(set(users.values())) != 1:
         raise AssertionError(f"{name}: methods are evaluated on different users: {users}")
@@ -109,7 +108,7 @@ def dataset_table(name: str, extra: list[str], llm: bool, chart: Path | None = N
         "split": result["split"],
         "lists": result["lists"],
         "users_per_split": stats["accounting"]["protocol"]["users_per_split"],
-        "items": stats.get("table1", {}).get("items"),
+        "items": stats.get("items"),
         "methods": {m: result["methods"][m] for m in method_order(list(result["methods"]))},
         "chance": result.get("chance", {}),
         "baselines": timing,
