@@ -15,7 +15,8 @@ class SummaryProbeConfig(Section):
 
     enabled: bool = True
     # Lists probed per summary mode (a seeded sample of those with a usable summary):
-    # encoded in the driver, about 1,000 lists a minute on one CPU core.
+    # encoded in the driver (amazon-games-6k: 587 lists of two modes in under 8 s on 2
+    # CPU cores, the item vectors read from the baselines' embeddings).
     max_lists: int = Field(1000, ge=1)
 
 
