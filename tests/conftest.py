@@ -72,6 +72,17 @@ def s3_bucket(s3_endpoint):
 # ---------------------------------------------------------------- tiny models
 
 
+def benchmark_module(name: str):
+    """A script of benchmarks/ loaded as a module (benchmarks/ is no package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_tiny_llama(folder, seed: int = 0) -> str:
     """A randomly initialised, seeded Llama (head_dim 64, as vLLM's CPU backend needs)
     with the built-in SmolLM2 tokenizer, so "Yes"/"No" are single tokens and a chat

@@ -1,17 +1,11 @@
 """benchmarks/quality_table.py's table: every method's row with its AUC and no-summary
 count, the chance row, the summary probe and the stage seconds."""
 
-import importlib.util
-from pathlib import Path
-
-TABLE = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_table.py"
+from tests.conftest import benchmark_module
 
 
 def table_module():
-    spec = importlib.util.spec_from_file_location("quality_table_benchmark", TABLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("quality_table")
 
 
 def row(value, without=None):

@@ -1,16 +1,10 @@
 """benchmarks/scale.py's verdicts: the ratios that decide whether the driver stays flat."""
 
-import importlib.util
-from pathlib import Path
-
-SCALE = Path(__file__).resolve().parent.parent / "benchmarks" / "scale.py"
+from tests.conftest import benchmark_module
 
 
 def scale_module():
-    spec = importlib.util.spec_from_file_location("scale_benchmark", SCALE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("scale")
 
 
 def result(users, rss, cpu_per_1000):
