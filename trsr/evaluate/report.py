@@ -82,6 +82,10 @@ def evaluate(
         config.summary_probe, encoder or EncoderConfig(), run, split,
         ks=ks, ties=config.ties, bootstrap=config.bootstrap, alpha=alpha, seed=context.seed,
     )
+    settings = {
+        "run_dir": run_dir, "split": split, "ks": list(ks), "ties": config.ties,
+        "confidence": config.confidence, "bootstrap": config.bootstrap, "seed": context.seed,
+    }
     methods = methods or config.methods or find_methods(run_dir, split)
     if not methods:
         missing = (
@@ -93,15 +97,10 @@ def evaluate(
         # Summaries without scores (comparing summarizers): the probe alone.
         log.warning("%s; the report has the summary probe only", missing)
         result = {
-            "run_dir": run_dir, "split": split, "ks": list(ks), "ties": config.ties,
-            "confidence": config.confidence, "bootstrap": config.bootstrap, "seed": context.seed,
-            "lists": 0, "methods": {}, "chance": {}, "chance_note": "", "examples": [],
+            **settings, "lists": 0, "methods": {}, "chance": {}, "chance_note": "", "examples": [],
             "run": run_facts(run_dir, [], split), "summary_probe": probe,
         }
-        if write:
-            storage.write_json(result, report_path(run_dir, split, "json"))
-            storage.write_text(markdown(result), report_path(run_dir, split, "md"))
-        return result
+        return _write(result, write, chart=False)
     families = {method: method_family(run, method, split) for method in methods}
     methods = by_family(families)
     tables = {method: _read_scores(run_dir, method, split) for method in methods}
@@ -153,13 +152,7 @@ def evaluate(
     else:
         chance_note = f"lists of different sizes {sorted(list_sizes)}: no single chance level"
     result = {
-        "run_dir": run_dir,
-        "split": split,
-        "ks": list(ks),
-        "ties": config.ties,
-        "confidence": config.confidence,
-        "bootstrap": config.bootstrap,
-        "seed": context.seed,
+        **settings,
         "lists": len(common),
         "methods": rows,
         "chance": chance,
@@ -168,10 +161,16 @@ def evaluate(
         "examples": example_users(run, split, tables, sorted(common), config.examples, context.seed),
         "summary_probe": probe,
     }
+    return _write(result, write, chart=config.chart)
+
+
+def _write(result: dict, write: bool, chart: bool) -> dict:
+    """report/<split>.json and .md (and .png with `chart`) when `write`; the result."""
+    run_dir, split = result["run_dir"], result["split"]
     if write:
         storage.write_json(result, report_path(run_dir, split, "json"))
         storage.write_text(markdown(result), report_path(run_dir, split, "md"))
-        if config.chart:
+        if chart:
             write_chart(result, report_path(run_dir, split, "png"))
     return result
 
