@@ -112,7 +112,7 @@ SUMMARIES = pa.schema(
         # "prompt_too_long"; other statuses keep the text the summarizer produced.
         pa.field("summary", pa.string()),
         # "ok" (usable), "missing", or the problem of the final summary: empty, echo,
-        # repetitive, over_length; or prompt_too_long. Problems of intermediate
+        # repetitive, over_length, ungrounded; or prompt_too_long. Problems of intermediate
         # levels/steps are in `intermediates`; `flagged_steps` counts every flagged one.
         pa.field("status", pa.string()),
         pa.field("intermediates", pa.list_(INTERMEDIATE)),

@@ -3,7 +3,16 @@ import itertools
 import pytest
 
 from trsr.errors import ConfigError
-from trsr.summarize.checks import _grams, _words, check_generation, end_on_sentence, instruction_grams, trim_to_sentence
+from trsr.summarize.checks import (
+    _grams,
+    _words,
+    check_generation,
+    content_stems,
+    end_on_sentence,
+    instruction_grams,
+    shared_content,
+    trim_to_sentence,
+)
 from trsr.domains import DOMAINS
 from trsr.summarize.prompts import load_prompts
 from trsr.summarize.segment import PromptTooLong, blocks_of, fit_prompt, render_items
@@ -111,3 +120,28 @@ def test_output_checks():
     assert end_on_sentence("The user reads travel and food news, mostly recipes. Interests:\n1. Travel\n2.") == (
         "The user reads travel and food news, mostly recipes."
     )
+
+
+PERSONA = "I am an AI designed to assist people with editing their documents and emails."
+
+
+def test_grounding_check_flags_text_about_something_else():
+    items = "1. Category: Strategy; Title: Civilization VI - PC\n2. Category: Puzzles; Title: Tetris Effect"
+    about = "The user plays strategy games such as Civilization and likes a good puzzle."
+    persona = PERSONA
+    # Plurals and word forms meet: "strategies" / "strategy", "puzzles" / "puzzle".
+    assert {"strat", "puzzl", "civil"} <= content_stems(about) & content_stems(items)
+    assert shared_content(persona, items) == 0
+    assert check_generation(about, frozenset(), "stop", items, min_shared=1) is None
+    assert check_generation(persona, frozenset(), "stop", items, min_shared=1) == "ungrounded"
+    assert check_generation(about, frozenset(), "stop", items, min_shared=4) == "ungrounded"
+    # Off (0) or no source: no grounding check.
+    assert check_generation(persona, frozenset(), "stop", items, min_shared=0) is None
+    assert check_generation(persona, frozenset(), "stop", None, min_shared=1) is None
+    # Generic words of any description of a person ("user", "enjoys", "interests")
+    # ground nothing.
+    assert shared_content("The user enjoys many things and has various interests.", "user enjoys interests various") == 0
+    # Text cut at the token limit is judged on what is kept.
+    cut = PERSONA + " The user plays strategy games and"
+    assert check_generation(cut, frozenset(), "length", items, min_shared=1) == "ungrounded"
+    assert check_generation(cut, frozenset(), "stop", items, min_shared=1) is None

@@ -239,3 +239,38 @@ def test_a_summary_cut_at_the_token_limit_ends_on_a_sentence(tiny_model, rendere
     out = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}
     assert out["c"]["summary"] == "The user follows sports results closely, likes beach travel and seaside towns."
     assert out["c"]["status"] == "ok" and out["c"]["trimmed"] == 4
+
+
+PERSONA = "I am an AI designed to assist people with editing their documents and emails."
+
+
+def test_an_ungrounded_summary_is_retried_and_kept_only_when_the_retry_is_grounded(tiny_model, rendered):
+    # Every first answer is persona text, which shares no word with the headlines.
+    # The retry (it carries the grounding reminder) answers about the items for every
+    # block but user a's only one.
+    rules = [
+        ("Headline number 0 ", PERSONA, "stop"),
+        ("using only what the articles above show", CLEAN, "stop"),
+        ("", PERSONA, "stop"),
+    ]
+    config = make_config(tiny_model, generation=GenerationConfig(max_new_tokens=12, min_shared_words=1))
+    state = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=0, engine=ScriptedEngine(rules))(rendered)
+    out = {r["user_id"]: r for r in Finalize("hierarchical", "m", "h", 0)(state).to_pylist()}
+    assert out["a"]["status"] == "ungrounded" and out["a"]["summary"] == PERSONA  # kept as text, not usable
+    assert out["a"]["retries"] == 1
+    for user in ("b", "c"):
+        assert out[user]["status"] == "ok" and out[user]["summary"] == CLEAN
+        assert out[user]["retries"] == out[user]["calls"] / 2  # every call retried once
+        assert all(node["problem"] is None for node in out[user]["intermediates"])
+    # With the check off, the persona text is a well-formed summary.
+    config = make_config(tiny_model)
+    state = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=0, engine=ScriptedEngine(rules))(rendered)
+    out = {r["user_id"]: r for r in Finalize("hierarchical", "m", "h", 0)(state).to_pylist()}
+    assert {r["status"] for r in out.values()} == {"ok"} and out["c"]["retries"] == 0
+    # Recurrent updates are grounded in the earlier summary and the new items: an update
+    # that keeps the (grounded) earlier summary's words passes.
+    config = make_config(tiny_model, generation=GenerationConfig(max_new_tokens=12, min_shared_words=1))
+    engine = ScriptedEngine([("Here are news", CLEAN, "stop"), ("", "The user follows sports results.", "stop")])
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}
+    assert out["c"]["status"] == "ok" and out["c"]["retries"] == 0

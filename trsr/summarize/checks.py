@@ -5,7 +5,11 @@ occur more than once), echoes the prompt (most of its 4-grams are copied from th
 template's own wording, or it copies out the numbered item list; naming item titles
 or reusing an earlier summary's phrases in a sentence is what a summary may do) or is
 over-length: it stopped at the token limit and no sentence or clause boundary leaves
-a usable text. Text that ran past the limit is cut after its last complete sentence,
+a usable text; or, with `summarize.generation.min_shared_words` > 0, ungrounded: it
+shares fewer content words than that with what its prompt gave it (the items of its
+block, the summaries it merges, the summary it updates and the new items). Measured on
+amazon-games-6k with SmolLM2-135M: 10% of block summaries share no content word with
+their five titles (persona text, food, fashion: "I'm an AI designed to assist..."). Text that ran past the limit is cut after its last complete sentence,
 or, with none, at its last clause boundary (",", ";", ":") and closed with a period;
 both are accepted and counted as `trimmed` (small models rarely stop on their own).
 Flagged generations are retried once; a user's status is the problem of the
@@ -21,7 +25,8 @@ EMPTY = "empty"
 REPETITIVE = "repetitive"
 ECHO = "echo"
 OVER_LENGTH = "over_length"
-PROBLEMS = (EMPTY, REPETITIVE, ECHO, OVER_LENGTH)
+UNGROUNDED = "ungrounded"
+PROBLEMS = (EMPTY, REPETITIVE, ECHO, OVER_LENGTH, UNGROUNDED)
 
 MIN_WORDS_FOR_SHAPE = 8
 MAX_REPEATED_FRACTION = 0.5
@@ -37,6 +42,46 @@ def _grams(words: list[str], n: int = 4) -> list[tuple[str, ...]]:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
+
+
+# Words that say nothing about what a user had: function words and the vocabulary of
+# any description of a person's interests. Kept short on purpose: a word missing here
+# only makes the grounding check more lenient.
+_GENERIC = frozenset(
+    """
+    about above after again against also although among another anything around away because been
+    before being below between both but came come comes could does doing down during each either
+    else enjoy enjoys enjoyed enjoying even ever every fond from further have having here however
+    interest interested interests into itself just keen like likes liked liking loves loved loving
+    many more most much must need needs often only other others over particular particularly prefer
+    prefers preference preferences quite rather really same seem seems seemed several should show
+    shows since some something such than that their them themselves then there these they thing
+    things this those though through under until upon user users very want wants well were what
+    when where whether which while who whom whose will with within without would your various
+    including include includes especially overall general generally interested appreciate
+    appreciates recent recently mostly likely value values focus focused focuses
+    """.split()
+)
+
+
+def content_stems(text: str) -> set[str]:
+    """The content words of a text, crudely stemmed: letters only, at least four long,
+    not generic (`_GENERIC`), a plural "s" dropped, cut to five letters (so "strategy"
+    and "strategies", "puzzle" and "puzzles" meet). Enough to tell a text about these
+    items from one about something else; not a linguistic stemmer."""
+    stems = set()
+    for word in re.findall(r"[a-z]+", text.lower()):
+        if len(word) < 4 or word in _GENERIC:
+            continue
+        if word.endswith("s") and len(word) > 4:
+            word = word[:-1]
+        stems.add(word[:5])
+    return stems
+
+
+def shared_content(text: str, source: str) -> int:
+    """How many content stems `text` shares with `source`."""
+    return len(content_stems(text) & content_stems(source))
 
 
 def instruction_grams(*templates: str) -> frozenset:
@@ -61,9 +106,13 @@ def is_listing(text: str) -> bool:
     return bool(_LISTING.search(text))
 
 
-def check_generation(text: str, instructions: frozenset, finish_reason: str) -> str | None:
+def check_generation(
+    text: str, instructions: frozenset, finish_reason: str, source: str | None = None, min_shared: int = 0
+) -> str | None:
     """The first problem of a generation, or None when it looks like a summary.
-    `instructions`: instruction_grams() of the prompt templates."""
+    `instructions`: instruction_grams() of the prompt templates. `source`: what the
+    prompt inserted into its template (the items, earlier summaries); with
+    `min_shared` > 0 a text sharing fewer content stems with it is UNGROUNDED."""
     if not text or not text.strip():
         return EMPTY
     words = _words(text)
@@ -81,6 +130,9 @@ def check_generation(text: str, instructions: frozenset, finish_reason: str) -> 
         cut = end_on_sentence(text)
         if cut is None or len(_words(cut)) < MIN_WORDS_FOR_SHAPE:
             return OVER_LENGTH
+        text = cut
+    if min_shared > 0 and source is not None and shared_content(text, source) < min_shared:
+        return UNGROUNDED
     return None
 
 

@@ -18,8 +18,13 @@ class GenerationConfig(Section):
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
-    # A flagged output (empty, repetitive, echo, over-length) is retried once with this.
+    # A flagged output (empty, repetitive, echo, over-length, ungrounded) is retried once
+    # with this.
     retry_temperature: float = Field(0.7, ge=0.0)
+    # Grounding check: an output sharing fewer content words than this with what its
+    # prompt gave it (items, earlier summaries) is flagged "ungrounded" and retried; a
+    # final summary still ungrounded is not usable. 0 = no check.
+    min_shared_words: int = Field(0, ge=0)
 
     def params(self, seed: int) -> GenerationParams:
         return GenerationParams(

@@ -18,7 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from trsr.schema import LISTS, SUMMARIES
-from trsr.summarize.checks import check_generation, instruction_grams, trim_to_sentence
+from trsr.domains import DOMAIN_WORDS
+from trsr.summarize.checks import UNGROUNDED, check_generation, instruction_grams, trim_to_sentence
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize.prompts import PromptSet
 from trsr.summarize.segment import blocks_of
@@ -92,8 +93,10 @@ class Finalize:
         return pa.Table.from_pydict(columns, schema=SUMMARIES)
 
 
-def retry_reminder(max_new_tokens: int) -> str:
+def retry_reminder(max_new_tokens: int, problem: str | None = None, items: str = "items") -> str:
     words = max(10, int(max_new_tokens * 0.5))
+    if problem == UNGROUNDED:
+        return f"\n\nAnswer in plain sentences, at most {words} words, using only what the {items} above show."
     return f"\n\nAnswer in plain sentences, at most {words} words, describing the user."
 
 
@@ -109,6 +112,7 @@ class _Job:
     row: int  # index of the user in the batch
     slot: int  # position of the output in the user's next node list
     prompt: str
+    source: str  # what the prompt inserted into its template (for the grounding check)
 
 
 class SummarizeStage:
@@ -156,7 +160,7 @@ class SummarizeStage:
             if level == 0:
                 next_nodes[r] = [None] * len(row["blocks"])
                 for k, block in enumerate(row["blocks"]):
-                    jobs.append(_Job(r, k, self.prompts.block_prompt(block)))
+                    jobs.append(_Job(r, k, self.prompts.block_prompt(block), block))
                 continue
             nodes = row["nodes"]
             if len(nodes) <= 1:
@@ -169,7 +173,7 @@ class SummarizeStage:
                     # A lone node moves up unchanged, with its problem.
                     next_nodes[r][g] = (group[0], row["node_problems"][g * size])
                 else:
-                    jobs.append(_Job(r, g, self.prompts.merge_prompt(group)))
+                    jobs.append(_Job(r, g, self.prompts.merge_prompt(group), "\n".join(group)))
         self._run(rows, jobs, next_nodes, level)
 
     # -- recurrent -----------------------------------------------------------------
@@ -181,11 +185,12 @@ class SummarizeStage:
                 continue  # finished early: its summary stays as it is
             block = row["blocks"][step]
             if step == 0:
-                prompt = self.prompts.block_prompt(block)
+                prompt, source = self.prompts.block_prompt(block), block
             else:
                 prompt = self.prompts.update_prompt(row["nodes"][0], block)
+                source = row["nodes"][0] + "\n" + block
             next_nodes[r] = [None]
-            jobs.append(_Job(r, 0, prompt))
+            jobs.append(_Job(r, 0, prompt, source))
         self._run(rows, jobs, next_nodes, step)
 
     # -- shared --------------------------------------------------------------------
@@ -199,7 +204,7 @@ class SummarizeStage:
                 rows[job.row]["intermediates"].append(dict(node))
         jobs = [job for job, node in zip(jobs, taken) if node is None]
         if jobs:
-            outputs = self._generate_checked([job.prompt for job in jobs])
+            outputs = self._generate_checked([job.prompt for job in jobs], [job.source for job in jobs])
             for job, (text, tokens_in, tokens_out, retried, trimmed, problem) in zip(jobs, outputs):
                 row = rows[job.row]
                 row["trimmed"] += int(trimmed)
@@ -214,29 +219,40 @@ class SummarizeStage:
             rows[r]["nodes"] = [text for text, _ in nodes]
             rows[r]["node_problems"] = [problem for _, problem in nodes]
 
-    def _generate_checked(self, prompts: list[str]) -> list[tuple[str, int, int, bool, bool, str | None]]:
+    def _generate_checked(self, prompts: list[str], sources: list[str]) -> list[tuple[str, int, int, bool, bool, str | None]]:
         """Generate; retry flagged outputs once; return (text, tokens in, tokens out,
         retried, trimmed, problem) per prompt."""
         from trsr.llm.chat import user_message
 
+        generation_config = self.config.generation
+
+        def check(generation, source: str) -> str | None:
+            return check_generation(
+                generation.text, self.instructions, generation.finish_reason, source, generation_config.min_shared_words
+            )
+
         messages = [user_message(p) for p in prompts]
-        first = self._generate(messages, self.config.generation.params(self.seed))
+        first = self._generate(messages, generation_config.params(self.seed))
         chosen = list(first)
         tokens = [(g.prompt_tokens, g.output_tokens) for g in first]
-        problems = [check_generation(g.text, self.instructions, g.finish_reason) for g in first]
+        problems = [check(g, source) for g, source in zip(first, sources)]
         retry_index = [i for i, problem in enumerate(problems) if problem]
         if retry_index:
-            # The retry samples and adds a length reminder: most flagged outputs of
-            # small models ran past the token limit or looped.
-            reminder = retry_reminder(self.config.generation.max_new_tokens)
+            # The retry samples and adds a reminder: most flagged outputs of small
+            # models ran past the token limit or looped (a length reminder); an
+            # ungrounded one is reminded to keep to the items.
+            items = DOMAIN_WORDS[self.config.domain]["items"]
             second = self._generate(
-                [user_message(prompts[i] + reminder) for i in retry_index],
-                self.config.generation.retry_params(self.seed),
+                [
+                    user_message(prompts[i] + retry_reminder(generation_config.max_new_tokens, problems[i], items))
+                    for i in retry_index
+                ],
+                generation_config.retry_params(self.seed),
             )
             for i, generation in zip(retry_index, second):
                 chosen[i] = generation
                 tokens[i] = (tokens[i][0] + generation.prompt_tokens, tokens[i][1] + generation.output_tokens)
-                problems[i] = check_generation(generation.text, self.instructions, generation.finish_reason)
+                problems[i] = check(generation, sources[i])
         out = []
         for i, generation in enumerate(chosen):
             text = generation.text.strip()
