@@ -192,6 +192,7 @@ class ScriptedEngine:
 
     def __init__(self, rules: list[tuple[str, str, str]]):
         self.rules = rules
+        self.prompts: list[str] = []
 
     def generate(self, prompts, params=None):
         from trsr.llm.engine import Generation
@@ -199,6 +200,7 @@ class ScriptedEngine:
         out = []
         for prompt in prompts:
             text = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+            self.prompts.append(text)
             answer, reason = next((a, r) for key, a, r in self.rules if key in text)
             out.append(Generation(answer, 10, 10, reason))
         return out
@@ -274,3 +276,33 @@ def test_an_ungrounded_summary_is_retried_and_kept_only_when_the_retry_is_ground
     state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=engine)(rendered)
     out = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}
     assert out["c"]["status"] == "ok" and out["c"]["retries"] == 0
+
+
+def test_a_flagged_node_does_not_spoil_the_summary_built_on_it(tiny_model, rendered):
+    config = make_config(tiny_model)
+    # User c: 4 blocks (n10-12, n13-15, n16-18, n19-21). Block 1's summary is always
+    # empty (also on retry).
+    rules = [("Headline number 13 ", "", "stop"), ("", CLEAN, "stop")]
+    engine = ScriptedEngine(rules)
+    state = SummarizeStage(config, "hierarchical", [0, 1, 2], seed=0, engine=engine)(rendered)
+    out = {r["user_id"]: r for r in Finalize("hierarchical", "m", "h", 0)(state).to_pylist()}
+    c = out["c"]
+    assert c["status"] == "ok" and c["summary"] == CLEAN and c["flagged_steps"] == 1
+    # Level 1: blocks 0 and 1 -> block 1 is empty, so block 0's summary moves up alone
+    # (no merge call); blocks 2 and 3 merge. Level 2 merges the two. No merge prompt
+    # carries an empty summary.
+    merges = [p for p in engine.prompts if "Combine them" in p]
+    assert len(merges) == 2 + 2  # b (3 blocks): 2 merges; c: one at level 1 (not 2), one at level 2
+    assert all("1. \n" not in p and "2. \n" not in p for p in merges)
+    # Recurrent: the update with block 3 is empty: c keeps its summary so far (clean),
+    # the flagged step stays on record.
+    rules = [("Headline number 19 ", "", "stop"), ("", CLEAN, "stop")]
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=ScriptedEngine(rules))(rendered)
+    c = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}["c"]
+    assert c["status"] == "ok" and c["summary"] == CLEAN and c["flagged_steps"] == 1
+    assert [(i["step"], i["problem"]) for i in c["intermediates"] if i["problem"]] == [(3, "empty")]
+    # A flagged summary so far is replaced by a clean update (nothing to keep).
+    rules = [("Headline number 10 ", "", "stop"), ("", CLEAN, "stop")]
+    state = SummarizeStage(config, "recurrent", [0, 1, 2, 3], seed=0, engine=ScriptedEngine(rules))(rendered)
+    c = {r["user_id"]: r for r in Finalize("recurrent", "m", "h", 0)(state).to_pylist()}["c"]
+    assert c["status"] == "ok" and c["summary"] == CLEAN

@@ -14,7 +14,10 @@ or, with none, at its last clause boundary (",", ";", ":") and closed with a per
 both are accepted and counted as `trimmed` (small models rarely stop on their own).
 Flagged generations are retried once; a user's status is the problem of the
 generation that became its final summary (problems of intermediate levels or steps
-are recorded with those intermediates, not in the status).
+are recorded with those intermediates, not in the status). A node still flagged after
+its retry is left out of its hierarchical merge when the group has a clean one, and a
+flagged recurrent update does not replace a clean summary so far
+(trsr.summarize.stages).
 """
 
 from __future__ import annotations

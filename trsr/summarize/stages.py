@@ -165,21 +165,27 @@ class SummarizeStage:
             nodes = row["nodes"]
             if len(nodes) <= 1:
                 continue  # this user's tree is complete
-            size = fan_in if fan_in else len(nodes)
-            groups = blocks_of(nodes, size)
+            problems = row["node_problems"]
+            groups = blocks_of(range(len(nodes)), fan_in if fan_in else len(nodes))
             next_nodes[r] = [None] * len(groups)
             for g, group in enumerate(groups):
-                if len(group) == 1:
+                # A flagged node (empty, echo, ungrounded, ...) is left out of its merge
+                # when the group has a clean one: one bad block summary does not spoil
+                # the user's summary (its problem stays in `intermediates`).
+                used = [i for i in group if problems[i] is None] or list(group)
+                if len(used) == 1:
                     # A lone node moves up unchanged, with its problem.
-                    next_nodes[r][g] = (group[0], row["node_problems"][g * size])
+                    next_nodes[r][g] = (nodes[used[0]], problems[used[0]])
                 else:
-                    jobs.append(_Job(r, g, self.prompts.merge_prompt(group), "\n".join(group)))
+                    texts = [nodes[i] for i in used]
+                    jobs.append(_Job(r, g, self.prompts.merge_prompt(texts), "\n".join(texts)))
         self._run(rows, jobs, next_nodes, level)
 
     # -- recurrent -----------------------------------------------------------------
     def _recurrent_step(self, rows: list[dict], step: int) -> None:
         jobs: list[_Job] = []
         next_nodes: dict[int, list[tuple | None]] = {}  # (text, problem) per node
+        earlier: dict[int, tuple] = {}  # the summary so far, kept if the update is flagged
         for r, row in enumerate(rows):
             if row["status"] in (PROMPT_TOO_LONG, MISSING) or row["refresh"] == UNCHANGED or step >= len(row["blocks"]):
                 continue  # finished early: its summary stays as it is
@@ -189,9 +195,16 @@ class SummarizeStage:
             else:
                 prompt = self.prompts.update_prompt(row["nodes"][0], block)
                 source = row["nodes"][0] + "\n" + block
+                earlier[r] = (row["nodes"][0], row["node_problems"][0])
             next_nodes[r] = [None]
             jobs.append(_Job(r, 0, prompt, source))
         self._run(rows, jobs, next_nodes, step)
+        # A flagged update does not replace a clean summary: the user keeps the summary
+        # so far (that block's items are then not in it; the flagged text stays in
+        # `intermediates`). Applied to reused steps of an --update alike.
+        for r, (text, problem) in earlier.items():
+            if problem is None and rows[r]["node_problems"][0] is not None:
+                rows[r]["nodes"], rows[r]["node_problems"] = [text], [None]
 
     # -- shared --------------------------------------------------------------------
     def _run(self, rows, jobs: list[_Job], next_nodes: dict[int, list], step: int) -> None:
