@@ -47,8 +47,9 @@ def knob_value(experiment: ExperimentConfig, knob: str):
 
 def run_value(dataset: str, variant: str, knob: str, value: str, extra: list[str]) -> dict:
     """Train and score `variant` with knob=value; its row of the table."""
-    from trsr.evaluate.report import evaluate
+    from trsr import storage
     from trsr.data.prepare import prepare
+    from trsr.evaluate.report import evaluate
     from trsr.pipeline import run_pipeline
 
     recipe = quality_table.experiment_for(dataset, extra)
@@ -69,7 +70,7 @@ def run_value(dataset: str, variant: str, knob: str, value: str, extra: list[str
         encoder=experiment.baselines.encoder,
     )
     row = report["methods"][method]
-    training = json.loads((Path(experiment.run_dir) / "train" / method / "result.json").read_text())
+    training = storage.read_json(storage.join(experiment.context().run.training(method).path, "result.json"))
     seconds = (report.get("run") or {}).get("stage_seconds") or {}
     return {
         "value": value,

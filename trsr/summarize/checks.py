@@ -9,7 +9,9 @@ a usable text; or, with `summarize.generation.min_shared_words` > 0, ungrounded:
 shares fewer content words than that with what its prompt gave it (the items of its
 block, the summaries it merges, the summary it updates and the new items). Measured on
 amazon-games-6k with SmolLM2-135M: 10% of block summaries share no content word with
-their five titles (persona text, food, fashion: "I'm an AI designed to assist..."). Text that ran past the limit is cut after its last complete sentence,
+their five titles (persona text, food, fashion: "I'm an AI designed to assist...").
+
+Text that ran past the limit is cut after its last complete sentence,
 or, with none, at its last clause boundary (",", ";", ":") and closed with a period;
 both are accepted and counted as `trimmed` (small models rarely stop on their own).
 Flagged generations are retried once; a user's status is the problem of the
@@ -61,7 +63,7 @@ _GENERIC = frozenset(
     shows since some something such than that their them themselves then there these they thing
     things this those though through under until upon user users very want wants well were what
     when where whether which while who whom whose will with within without would your various
-    including include includes especially overall general generally interested appreciate
+    including include includes especially overall general generally appreciate
     appreciates recent recently mostly likely value values focus focused focuses
     """.split()
 )
