@@ -236,6 +236,18 @@ class RunFolder:
             )
         return storage.read_json(path)["best_adapter"]
 
+    def training_seconds(self, method: str) -> float | None:
+        """What the training of `method` cost across its calls (None: not trained): the
+        last call's wall time plus the epochs earlier calls trained. A call that finds
+        the run complete has a wall time of 0; one that resumed ran only the epochs
+        after `resumed_from_epoch`."""
+        path = storage.join(self.training(method).path, "result.json")
+        if not storage.exists(path):
+            return None
+        result = storage.read_json(path)
+        earlier = sum(r["seconds"] for r in result["history"] if r["epoch"] <= result.get("resumed_from_epoch", 0))
+        return result["wall_seconds"] + earlier
+
     def training_texts(self, method: str) -> StageFolder:
         return StageFolder(storage.join(self.root, "train", method, "texts"), f"train/{method}/texts")
 

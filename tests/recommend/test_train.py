@@ -9,6 +9,8 @@ import random
 
 import pytest
 
+from trsr import storage
+from trsr import storage
 from trsr.errors import ConfigError, InputFileError
 from trsr.llm.adapters import copy_adapter
 from trsr.recommend.config import TrainConfig
@@ -22,6 +24,8 @@ from trsr.recommend.train_data import (
     tokenize_example,
 )
 from trsr.recommend.train_steps import StepFiller, collate, micro_batches, weighted_loss, weighted_loss_sum
+from trsr.runs import RunFolder
+from trsr.runs import RunFolder
 
 NOUNS = ["apple", "car", "shirt", "lamp", "book", "chair", "phone", "hat", "cup", "desk"]
 
@@ -406,7 +410,7 @@ def resumed_run(tiny_model, ray_local, tmp_path_factory):
 
 
 @pytest.mark.integration
-def test_resume_continues_after_the_last_epoch(resumed_run, tiny_model):
+def test_resume_continues_after_the_last_epoch(resumed_run, tiny_model, tmp_path):
     storage_path, examples, groups, first, second = resumed_run
     assert first["epochs_run"] == [1] and first["steps"] == 4  # 8 pairs, 4 texts (2 pairs) a step
     assert first["history"][0]["texts_per_step"] == 4 and first["data"]["rows"] == 8
@@ -419,6 +423,19 @@ def test_resume_continues_after_the_last_epoch(resumed_run, tiny_model):
     # A finished run returns at once; a different setup is refused, not mixed in.
     again = train_lora(small(tiny_model, epochs=2), examples, storage_path=storage_path, groups=groups)
     assert again["epochs_run"] == [] and again["history"] == second["history"]
+    # Its cost is what the earlier calls trained, not the 0 s this call took.
+    # What the training cost (the report's stage seconds) counts the epochs earlier
+    # calls trained, not the 0 s of a call that finds the run complete.
+    assert again["wall_seconds"] == 0.0
+    run = RunFolder(str(tmp_path / "run"))
+    assert run.training_seconds("m") is None  # not trained
+    for result, expected in (
+        (first, first["wall_seconds"]),
+        (second, second["wall_seconds"] + first["history"][0]["seconds"]),
+        (again, sum(r["seconds"] for r in second["history"])),
+    ):
+        storage.write_json(result, storage.join(run.training("m").path, "result.json"))
+        assert run.training_seconds("m") == pytest.approx(expected)
     with pytest.raises(ConfigError, match="different training setup"):
         train_lora(small(tiny_model, epochs=3, lora_rank=4), examples, storage_path=storage_path, groups=groups)
     with pytest.raises(ConfigError, match="different training setup"):  # other groups: other data

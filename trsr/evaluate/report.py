@@ -206,9 +206,7 @@ def run_facts(run_dir: str, methods: list[str], split: str) -> dict:
             summaries[mode] = dict(sorted((stats.get("status") or {}).items()))
     models: dict[str, dict] = {}
     for method in methods:
-        result_path = storage.join(run.training(method).path, "result.json")
-        if storage.exists(result_path):
-            stages[f"train {method}"] = storage.read_json(result_path).get("wall_seconds")
+        stages[f"train {method}"] = run.training_seconds(method)
         stats = run.scores(method, split).stats()
         if stats.get("seconds") is not None:
             stages[f"score {method}"] = stats["seconds"]

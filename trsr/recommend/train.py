@@ -179,7 +179,8 @@ def train_lora(
     tokens, tokens_per_s, valid metrics, checkpoint), `train_loss` (per epoch),
     `checkpoints`, `best_epoch`, `best_checkpoint`, `best_adapter`, `tokens_per_s` (of the
     epochs this call ran), `examples` (counted by Ray Data), `data`,
-    `resumed_from_epoch`, `resumed_from_step` and `epochs_run`.
+    `resumed_from_epoch`, `resumed_from_step`, `epochs_run` and `wall_seconds` (this
+    call; `RunFolder.training_seconds` adds the epochs earlier calls trained).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
