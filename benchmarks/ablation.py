@@ -13,9 +13,10 @@ prepared/ links to it. A variant that reads summaries summarizes in each folder 
 summarizer time counts); TALLRec-style reads none, which is why it is the default: the
 training users can grow without summarizer time.
 
-Prints a table (Recall@3, Recall@10, MRR@10, AUC with 95% intervals; training lists and
-texts; train and score seconds) and writes benchmarks/results/ablation-<dataset>.md and
-.json.
+Prints a table (Recall@3, Recall@10, MRR@10, AUC with 95% intervals; each value's change
+of Recall@3 and AUC against the first value, on the same lists, with a paired bootstrap
+interval; training lists and texts; train and score seconds) and writes
+benchmarks/results/ablation-<dataset>.md and .json.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from trsr.experiment import ExperimentConfig  # noqa: E402
 RESULTS = quality_table.RESULTS
 CACHE = RESULTS / "cache" / "ablation"
 METRICS = ("recall@3", "recall@10", "mrr@10", "auc")
+# Compared with the first value list by list: both rankings score the same test lists, so
+# the difference's interval is much narrower than the two rows' intervals suggest.
+PAIRED = ("recall@3", "auc")
 
 
 def knob_value(experiment: ExperimentConfig, knob: str):
@@ -75,6 +79,7 @@ def run_value(dataset: str, variant: str, knob: str, value: str, extra: list[str
     return {
         "value": value,
         "run_dir": experiment.run_dir,
+        "per_list": per_list(experiment, method),
         "method": method,
         "users": row["users"],
         "metrics": {m: row["metrics"][m] for m in METRICS},
@@ -86,12 +91,53 @@ def run_value(dataset: str, variant: str, knob: str, value: str, extra: list[str
     }
 
 
+def per_list(experiment: ExperimentConfig, method: str) -> dict[str, dict[str, float]]:
+    """{list_id: {metric: value}} of `method`'s test scores (the report's tie rule and seed)."""
+    from trsr.evaluate.metrics import per_list_metrics
+    from trsr.evaluate.report import read_scores
+
+    table = read_scores(experiment.run_dir, method, "test")
+    values = per_list_metrics(
+        table.column("list_id"), table.column("label"), table.column("score"),
+        ks=(3,), ties=experiment.evaluate.ties, seed=experiment.seed,
+    )
+    return {list_id: {m: float(values[m][i]) for m in PAIRED} for i, list_id in enumerate(values["list_id"])}
+
+
+def paired_change(base: dict, other: dict, metric: str, bootstrap: int = 1000, seed: int = 0) -> list[float]:
+    """[mean, low, high]: `other` minus `base` on `metric`, over the lists both scored,
+    with a percentile bootstrap 95% interval of the per-list differences."""
+    from trsr.evaluate.metrics import bootstrap_ci
+
+    shared = sorted(set(base) & set(other))
+    if len(shared) != len(base) or len(shared) != len(other):
+        raise ValueError(f"the values scored different lists ({len(base)} and {len(other)}, {len(shared)} shared)")
+    differences = [other[k][metric] - base[k][metric] for k in shared]
+    differences = [d for d in differences if d == d]  # AUC is NaN for a list without a negative
+    low, high = bootstrap_ci(differences, n=bootstrap, seed=seed)
+    return [sum(differences) / len(differences), low, high]
+
+
+def with_changes(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Each row with `change` (against the first row, see PAIRED) instead of its per-list values."""
+    base = rows[0]["per_list"]
+    out = []
+    for k, row in enumerate(rows):
+        row = {key: value for key, value in row.items() if key != "per_list"}
+        if k:
+            row["change"] = {m: paired_change(base, rows[k]["per_list"], m, seed=seed) for m in PAIRED}
+        out.append(row)
+    return out
+
+
 def markdown(result: dict) -> str:
+    first = result["rows"][0]["value"]
     lines = [
         f"## Ablation: {result['knob']} ({result['variant']}, {result['dataset']})",
         "",
-        f"| {result['knob']} | users | Recall@3 | Recall@10 | MRR@10 | AUC | training lists / texts | train s | score s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| {result['knob']} | users | Recall@3 | Recall@10 | MRR@10 | AUC | change against {first} (paired 95%) "
+        "| training lists / texts | train s | score s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         cells = [
@@ -99,9 +145,14 @@ def markdown(result: dict) -> str:
             if m in ("recall@3", "auc") else f"{row['metrics'][m]:.3f}"
             for m in METRICS
         ]
+        change = row.get("change")
+        change = "; ".join(
+            f"{name} {change[m][0]:+.3f} [{change[m][1]:+.3f}, {change[m][2]:+.3f}]"
+            for m, name in (("recall@3", "Recall@3"), ("auc", "AUC"))
+        ) if change else ""
         seconds = [f"{s:,.0f}" if s is not None else "" for s in (row["train_seconds"], row["score_seconds"])]
         lines.append(
-            f"| {row['value']} | {row['users']} | " + " | ".join(cells)
+            f"| {row['value']} | {row['users']} | " + " | ".join(cells) + f" | {change}"
             + f" | {row['training_lists']} / {row['training_texts']} | " + " | ".join(seconds) + " |"
         )
     return "\n".join(lines) + "\n"
@@ -118,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     rows = [run_value(args.dataset, args.variant, args.knob, value, args.overrides) for value in args.values]
+    rows = with_changes(rows, seed=quality_table.experiment_for(args.dataset, args.overrides).seed)
     result = {"dataset": args.dataset, "variant": args.variant, "knob": args.knob, "overrides": args.overrides, "rows": rows}
     text = markdown(result)
     print(text)

@@ -47,7 +47,8 @@ def find_methods(run_dir: str, split: str) -> list[str]:
     return [m for m in run.score_methods() if split in SPLITS and run.scores(m, split).exists()]
 
 
-def _read_scores(run_dir: str, method: str, split: str) -> pa.Table:
+def read_scores(run_dir: str, method: str, split: str) -> pa.Table:
+    """The complete scores of `method` on `split` (SCORES columns; failed lists left out)."""
     folder = RunFolder(run_dir).scores(method, split)
     if not folder.exists():
         raise TrsrError(f"{folder.path}: no complete scores; score method {method!r} on split {split!r} first")
@@ -103,7 +104,7 @@ def evaluate(
         return _write(result, write, chart=False)
     families = {method: method_family(run, method, split) for method in methods}
     methods = by_family(families)
-    tables = {method: _read_scores(run_dir, method, split) for method in methods}
+    tables = {method: read_scores(run_dir, method, split) for method in methods}
 
     coverage = {m: set(t.column("list_id").unique().to_pylist()) for m, t in tables.items()}
     common = set.intersection(*coverage.values())
