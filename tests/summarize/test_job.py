@@ -80,6 +80,9 @@ def test_per_step_job_on_transformers_accounts_for_every_user(prepared, tiny_mod
         assert len(users) == len(set(users)) == 10 == stats["modes"][mode]["summarized"]
         assert set(pc.unique(table.column("mode")).to_pylist()) == {mode}
         assert stats["modes"][mode]["rows_computed"] == lists and stats["modes"][mode]["rows_failed"] == 0
+        # The rate counts the 10 users summarized, not the lists passed through.
+        seconds = stats["modes"][mode]["seconds"]
+        assert stats["modes"][mode]["users_per_s"] == pytest.approx(10 / seconds, rel=0.01, abs=1e-3)
         for row in table.to_pylist():
             blocks = -(-row["items"] // 3)
             assert row["blocks"] == blocks

@@ -229,7 +229,9 @@ def summarize(config: SummarizeConfig, context: RunContext, force: bool = False,
         computed = stats.get("rows_computed", 0)
         stats.setdefault("ok", stats.get("status", {}).get(OK, 0))
         stats["output_tokens_per_s"] = round(stats["tokens_out"] / seconds, 2) if seconds and not stats.get("skipped") else stats.get("output_tokens_per_s")
-        stats["users_per_s"] = round(computed / seconds, 4) if seconds and computed else stats.get("users_per_s")
+        # The runner's rows_per_s counts the rows the summarizer worked on (summarized_rows),
+        # not the lists summarize.max_users passes through unsummarized.
+        stats["users_per_s"] = stats.get("rows_per_s") if computed else stats.get("users_per_s")
         out["modes"][mode] = stats
         log.debug("summarize %s: %s", mode, stats)
     out["skipped"] = all(s.get("skipped") for s in out["modes"].values())
@@ -269,8 +271,9 @@ def describe(stats: dict) -> str:
         lines.append(
             f"summarize {mode}: {s.get('summarized', 0)} of {s['rows_in']} users summarized "
             f"({status.get(OK, 0)} ok; status {dict(sorted(status.items()))}), "
-            f"{s.get('rows_computed', 0)} computed and {s.get('rows_reused', 0)} reused, "
-            f"{s.get('calls', 0)} engine calls, {s['seconds']:.1f} s"
+            f"{s.get('rows_computed', 0)} rows written by this run and {s.get('rows_reused', 0)} kept from an "
+            f"interrupted one, {s.get('calls', 0)} engine calls, {s['seconds']:.1f} s"
+            + (f", {s['users_per_s']} users/s" if s.get("users_per_s") and not s.get("skipped") else "")
             + (" [up to date, skipped]" if s.get("skipped") else "")
         )
         refreshed = s.get("refresh") or {}
