@@ -180,3 +180,14 @@ def test_max_users_caps_each_split_or_fills_test_first(prepared):
     assert summarize_job(every.summarize, every.context(), "hierarchical").work_total is None
     with pytest.raises(ConfigError, match="max_users must be positive"):
         experiment(prepared / "x", prepared / "data", "summarize.max_users={train: -1}")
+
+
+def test_a_change_of_the_summarizers_behaviour_makes_earlier_summaries_stale(monkeypatch):
+    from trsr.summarize import job, stages
+    from trsr.summarize.config import SummarizeConfig
+
+    config = SummarizeConfig()
+    before = job.settings_fingerprint(config, 0, "recurrent")
+    assert job.settings_fingerprint(config, 0, "recurrent") == before  # stable
+    monkeypatch.setattr(stages, "BEHAVIOUR", stages.BEHAVIOUR + 1)
+    assert job.settings_fingerprint(config, 0, "recurrent") != before

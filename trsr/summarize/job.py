@@ -32,6 +32,7 @@ from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
 from trsr.summarize import refresh
 from trsr.summarize.render import RenderBlocks
+from trsr.summarize import stages
 from trsr.summarize.stages import Finalize, SummarizeStage, steps_needed
 from trsr.summarize.state import OK, STATE, UNCHANGED
 
@@ -109,7 +110,7 @@ def settings_fingerprint(config: SummarizeConfig, seed: int, mode: str) -> str:
     for key in ("actors", "num_cpus", "num_gpus"):
         settings["engine"].pop(key, None)
     settings.pop("max_engine_stages", None)  # how steps are grouped, not what they produce
-    return fingerprint(settings, mode, seed, LAYOUT)
+    return fingerprint(settings, mode, seed, LAYOUT, stages.BEHAVIOUR)
 
 
 def stage_fingerprint(config: SummarizeConfig, context: RunContext, mode: str) -> str:

@@ -25,6 +25,13 @@ from trsr.summarize.prompts import PromptSet
 from trsr.summarize.segment import blocks_of
 from trsr.summarize.state import HIERARCHICAL, MISSING, MODES, OK, PROMPT_TOO_LONG, RECURRENT, STATE, UNCHANGED
 
+# Part of every summaries folder's fingerprint: raise it when a code change alters what
+# the summarizer writes for the same settings and history, so that earlier summaries are
+# recomputed instead of mixed with new ones (an --update then summarizes everyone again).
+# 2: a node still flagged after its retry is left out of its merge / does not replace a
+# clean recurrent summary.
+BEHAVIOUR = 2
+
 
 def steps_needed(mode: str, max_blocks: int, fan_in: int | None) -> int:
     """Levels (hierarchical) or steps (recurrent) for a history of `max_blocks` blocks.
