@@ -39,6 +39,7 @@ METRICS = ("recall@3", "recall@10", "mrr@10", "auc")
 # Compared with the first value list by list: both rankings score the same test lists, so
 # the difference's interval is much narrower than the two rows' intervals suggest.
 PAIRED = ("recall@3", "auc")
+LABELS = {"recall@3": "Recall@3", "auc": "AUC"}
 
 
 def knob_value(experiment: ExperimentConfig, knob: str):
@@ -147,8 +148,8 @@ def markdown(result: dict) -> str:
         ]
         change = row.get("change")
         change = "; ".join(
-            f"{name} {change[m][0]:+.3f} [{change[m][1]:+.3f}, {change[m][2]:+.3f}]"
-            for m, name in (("recall@3", "Recall@3"), ("auc", "AUC"))
+            f"{LABELS[m]} {change[m][0]:+.3f} [{change[m][1]:+.3f}, {change[m][2]:+.3f}]"
+            for m in PAIRED
         ) if change else ""
         seconds = [f"{s:,.0f}" if s is not None else "" for s in (row["train_seconds"], row["score_seconds"])]
         lines.append(

@@ -30,9 +30,8 @@ from trsr.errors import ConfigError, TrsrError
 from trsr.runner import RunContext, Step, StageJob, run_grouping, run_stage, value_counts
 from trsr.runs import LAYOUT, RunFolder, StageFolder
 from trsr.summarize.config import SummarizeConfig
-from trsr.summarize import refresh
+from trsr.summarize import refresh, stages
 from trsr.summarize.render import RenderBlocks
-from trsr.summarize import stages
 from trsr.summarize.stages import Finalize, SummarizeStage, steps_needed
 from trsr.summarize.state import OK, STATE, UNCHANGED
 
