@@ -30,6 +30,7 @@ cleared before the stage writes again.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import time
@@ -124,6 +125,10 @@ class StageFolder:
 
     def stats(self) -> dict:
         return storage.read_json(self.stats_path) if storage.exists(self.stats_path) else {}
+
+    def details(self) -> dict:
+        """What `finish` recorded with the complete outputs ({} when not complete)."""
+        return storage.read_json(self.manifest) if storage.exists(self.manifest) else {}
 
     def clear(self) -> None:
         remove(self.path)
@@ -312,13 +317,37 @@ def remove(path: str) -> None:
 
 
 def inputs_signature(path: str) -> list[tuple[str, int, str]]:
-    """(file, size, modification stamp) of every file under `path`, for fingerprints."""
+    """(file, size, content stamp) of every file under `path`, for fingerprints.
+
+    The stamp says what the bytes are, not when they were written: a digest of a local
+    file's bytes, an object store's ETag (derived from the content). Modification times
+    would make every stage recompute when the same data is copied, restored or synced
+    to a new place (a fresh copy of the shared datasets did exactly that: the quality
+    run recomputed everything from the item embeddings on). Names are relative to
+    `path`, which is in the config the fingerprint also covers. Hashing reads the
+    inputs once more per fingerprint; the stage it guards reads and parses them all."""
     fs = storage.fsspec_filesystem(path)
     if not fs.exists(path):
         return []
-    entries = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    if fs.isdir(path):
+        root = str(fs.info(path)["name"]).rstrip("/")
+        entries = fs.find(path, detail=True)
+    else:
+        root, entries = None, {path: fs.info(path)}
     out = []
     for name, info in sorted(entries.items()):
-        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-        out.append((name, int(info.get("size") or 0), str(stamp)))
+        relative = posixpath.relpath(name, root) if root else posixpath.basename(name)
+        if storage.is_remote(path):
+            stamp = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
+        else:
+            stamp = _file_digest(name)
+        out.append((relative, int(info.get("size") or 0), str(stamp)))
     return out
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -85,6 +85,7 @@ def test_scores_follow_the_schema_and_cover_every_candidate_once(trained):
             assert len(keys) == scores.num_rows  # every candidate exactly once
             assert pc.all(pc.equal(scores.column("method"), method)).as_py()
             assert np.isfinite(scores.column("score").to_numpy()).all()
+            assert run.scores(method, split).details()["prepared"] == run.prepared_fingerprint()
         stats = storage.read_json(storage.join(run.stage_dir("scores"), method, "stats.json"))
         assert stats["test"]["lists"] == storage.read_parquet(run.samples("test")).column("list_id").unique().__len__()
         if method in NEURAL_MODELS:

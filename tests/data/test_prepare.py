@@ -1,6 +1,7 @@
 """The prepare stage end to end: synthetic MIND -> run folder (local and S3), CLI, real data."""
 
 import json
+import os
 
 import pyarrow.compute as pc
 import pytest
@@ -75,6 +76,27 @@ def test_same_seed_same_samples_and_up_to_date_stage_is_skipped(tmp_path):
     assert prepare(first.prepare, first.context())["skipped"] is True
     changed = synthetic_experiment(tmp_path / "a", tmp_path / "data", "prepare.protocol.min_history=12")
     assert prepare(changed.prepare, changed.context())["skipped"] is False
+
+
+def test_the_same_bytes_with_new_times_are_up_to_date_and_other_bytes_are_not(tmp_path):
+    """The source's part of the fingerprint is its content: a copied, restored or synced
+    folder (new modification times) keeps every stage up to date; other bytes of the
+    same size and time do not."""
+    experiment = synthetic_experiment(tmp_path / "run", tmp_path / "data")
+    assert prepare(experiment.prepare, experiment.context())["skipped"] is False
+    for path in (tmp_path / "data").iterdir():
+        later = path.stat().st_mtime_ns + 3_600 * 10**9
+        os.utime(path, ns=(later, later))
+    assert prepare(experiment.prepare, experiment.context())["skipped"] is True
+
+    behaviors = tmp_path / "data" / "behaviors.tsv"
+    before = behaviors.stat()
+    lines = behaviors.read_bytes().splitlines(keepends=True)
+    lines[0], lines[1] = lines[1], lines[0]  # same size, same time, other content
+    behaviors.write_bytes(b"".join(lines))
+    os.utime(behaviors, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert behaviors.stat().st_size == before.st_size and behaviors.stat().st_mtime_ns == before.st_mtime_ns
+    assert prepare(experiment.prepare, experiment.context())["skipped"] is False
 
 
 @pytest.mark.integration

@@ -12,9 +12,10 @@ from trsr.schema import SCORES
 from trsr.errors import TrsrError
 from trsr.evaluate.report import evaluate, find_methods
 from trsr.experiment import ExperimentConfig
+from trsr.runs import RunFolder
 
 
-def write_scores(run_dir, method, lists, scorer, split="test", size=21):
+def write_scores(run_dir, method, lists, scorer, split="test", size=21, **details):
     rows = []
     for n in range(lists):
         for c in range(size):
@@ -22,16 +23,14 @@ def write_scores(run_dir, method, lists, scorer, split="test", size=21):
             rows.append(dict(list_id=f"{split}:{n:04d}", split=split, user_id=f"u{n}", candidate=f"N{c}",
                              label=label, score=float(scorer(n, c, label)), method=method))
     table = pa.Table.from_pylist(rows, schema=SCORES)
-    write_complete(run_dir, method, split, table)
+    write_complete(run_dir, method, split, table, **details)
 
 
-def write_complete(run_dir, method, split, table):
+def write_complete(run_dir, method, split, table, **details):
     """Scores as the score stage leaves them: a data file and the folder's manifest."""
-    from trsr.runs import RunFolder
-
     folder = RunFolder(run_dir).scores(method, split)
     storage.write_parquet(table, folder.join("part-0.parquet"))
-    folder.finish("by-hand", {})
+    folder.finish("by-hand", {}, **details)
 
 
 def experiment(run_dir, *extra):
@@ -105,6 +104,23 @@ def test_missing_scores_and_bad_files_fail_clearly(tmp_path):
         evaluate_run(run)
 
 
+def test_scores_made_from_other_prepared_data_are_left_out_and_refused_by_name(tmp_path):
+    """Scores remember the prepared data they ranked; after the run is prepared again
+    (another protocol, another source) a method not scored again is not compared."""
+    run = str(tmp_path / "run")
+    RunFolder(run).prepared_stage.finish("prepared-now", {})
+    write_scores(run, "fresh", 30, lambda n, c, label: label, prepared="prepared-now")
+    write_scores(run, "stale", 30, lambda n, c, label: label, prepared="prepared-before")
+    write_scores(run, "by_hand", 30, lambda n, c, label: label)  # no record: taken as it is
+    result = evaluate_run(run)
+    assert sorted(result["methods"]) == ["by_hand", "fresh"]
+    assert list(result["left_out"]) == ["stale"] and "prepared-before" in result["left_out"]["stale"]
+    md = storage.read_bytes(storage.join(run, "report", "test.md")).decode()
+    assert "Left out (scored from other prepared data; score them again): stale." in md
+    with pytest.raises(TrsrError, match=r"scores/stale/test: scored from other prepared data .*score 'stale' again"):
+        evaluate_run(run, "evaluate.methods=[fresh, stale]")
+
+
 def test_evaluate_cli_prints_the_table(tmp_path, capsys):
     from trsr.cli import main
 
@@ -124,8 +140,6 @@ def write_yaml(tmp_path):
 
 
 def test_the_report_says_how_many_lists_each_llm_method_scored_without_a_summary(tmp_path):
-    from trsr.runs import RunFolder
-
     run = str(tmp_path / "run")
     write_scores(run, "llm-trsr-hierarchical", 40, lambda n, c, label: label)
     write_scores(run, "tallrec", 40, lambda n, c, label: label)
@@ -142,8 +156,6 @@ def test_the_report_says_how_many_lists_each_llm_method_scored_without_a_summary
 
 
 def test_the_report_shows_the_summaries_health_and_the_run_behind_it(tmp_path):
-    from trsr.runs import RunFolder
-
     run = str(tmp_path / "run")
     write_scores(run, "llm-trsr-recurrent", 40, lambda n, c, label: label)
     folder = RunFolder(run)

@@ -277,6 +277,8 @@ def test_score_job_scores_every_test_list(tmp_path, tiny_model, ray_local):
     assert stats["summary_status"] == {"empty": 1, "missing": 1, "ok": len(users) - 3}
     assert stats["skipped"] is False and stats["rows_computed"] == len(everything)
     assert stats["candidates"] == table.num_rows
+    # The scores remember the prepared data they ranked (the report leaves out stale ones).
+    assert run.scores("llm-trsr-hierarchical", "test").details()["prepared"] == run.prepared_fingerprint()
     # The poisoned list went to the rejects with its reason; the others were scored.
     assert stats["rows_failed"] == stats["rejects"] == 1
     rejects = storage.read_parquet(run.scores("llm-trsr-hierarchical", "test").rejects)

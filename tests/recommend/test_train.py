@@ -10,7 +10,6 @@ import random
 import pytest
 
 from trsr import storage
-from trsr import storage
 from trsr.errors import ConfigError, InputFileError
 from trsr.llm.adapters import copy_adapter
 from trsr.recommend.config import TrainConfig
@@ -24,7 +23,6 @@ from trsr.recommend.train_data import (
     tokenize_example,
 )
 from trsr.recommend.train_steps import StepFiller, collate, micro_batches, weighted_loss, weighted_loss_sum
-from trsr.runs import RunFolder
 from trsr.runs import RunFolder
 
 NOUNS = ["apple", "car", "shirt", "lamp", "book", "chair", "phone", "hat", "cup", "desk"]

@@ -153,7 +153,7 @@ def run_baselines(config: BaselinesConfig, context: RunContext, force: bool = Fa
         model = pending.pop(ready[0])
         out = ray.get(ready[0])
         method = config.method(model)
-        stats = _write(run.root, config, method, todo[model], out, data, samples, embedding_info)
+        stats = _write(run.root, config, method, todo[model], prepared, out, data, samples, embedding_info)
         log.debug("baseline %s: %s", method, {s: stats[s]["metrics"] for s in config.splits})  # the stage's table shows them
         result[method] = dict(stats, skipped=False)
     return {config.method(m): result[config.method(m)] for m in config.models}
@@ -164,6 +164,7 @@ def _write(
     config: BaselinesConfig,
     method: str,
     key: str,
+    prepared: str,
     out: dict[str, Any],
     data: BaselineData,
     samples: dict[str, pa.Table],
@@ -198,7 +199,7 @@ def _write(
             "candidates": rows.num_rows,
             "metrics": {m: round(metrics[m], 5) for m in METRICS_SHOWN},
         }
-        stage.finish(key, stats[split], method=method, split=split)
+        stage.finish(key, stats[split], method=method, split=split, prepared=prepared)
     storage.write_json(stats, storage.join(folder, "stats.json"))
     return stats
 

@@ -26,8 +26,7 @@ SUMMARY_CHARS = 400
 
 
 def method_family(run: RunFolder, method: str, split: str) -> str:
-    manifest = run.scores(method, split).manifest
-    details = storage.read_json(manifest) if storage.exists(manifest) else {}
+    details = run.scores(method, split).details()
     if details.get("family"):
         return details["family"]
     stats_path = storage.join(run.method_scores(method), "stats.json")

@@ -47,6 +47,26 @@ def find_methods(run_dir: str, split: str) -> list[str]:
     return [m for m in run.score_methods() if split in SPLITS and run.scores(m, split).exists()]
 
 
+def stale_methods(run: RunFolder, methods: list[str], split: str) -> dict[str, str]:
+    """The methods whose `split` scores were made from other prepared data than the
+    run's now (it was prepared again with another protocol or source since), each with
+    the reason: their lists may share ids with today's yet hold other candidates, so
+    they are never compared. Scores that do not say (written by hand, or by an older
+    trsr) are taken as they are."""
+    current = run.prepared_stage.fingerprint()
+    if current is None:
+        return {}
+    stale = {}
+    for method in methods:
+        made_from = run.scores(method, split).details().get("prepared")
+        if made_from and made_from != current:
+            stale[method] = (
+                f"{run.scores(method, split).path}: scored from other prepared data (fingerprint {made_from}, "
+                f"the run's is {current}); score {method!r} again"
+            )
+    return stale
+
+
 def read_scores(run_dir: str, method: str, split: str) -> pa.Table:
     """The complete scores of `method` on `split` (SCORES columns; failed lists left out)."""
     folder = RunFolder(run_dir).scores(method, split)
@@ -87,6 +107,7 @@ def evaluate(
         "run_dir": run_dir, "split": split, "ks": list(ks), "ties": config.ties,
         "confidence": config.confidence, "bootstrap": config.bootstrap, "seed": context.seed,
     }
+    chosen = bool(methods or config.methods)
     methods = methods or config.methods or find_methods(run_dir, split)
     if not methods:
         missing = (
@@ -102,6 +123,12 @@ def evaluate(
             "run": run_facts(run_dir, [], split), "summary_probe": probe,
         }
         return _write(result, write, chart=False)
+    stale = stale_methods(run, methods, split)
+    if stale and (chosen or len(stale) == len(methods)):
+        raise TrsrError("; ".join(stale.values()))
+    for reason in stale.values():
+        log.warning("left out of the report: %s", reason)
+    methods = [m for m in methods if m not in stale]
     families = {method: method_family(run, method, split) for method in methods}
     methods = by_family(families)
     tables = {method: read_scores(run_dir, method, split) for method in methods}
@@ -158,6 +185,7 @@ def evaluate(
         "methods": rows,
         "chance": chance,
         "chance_note": chance_note,
+        "left_out": stale,
         "run": run_facts(run_dir, list(rows), split),
         "examples": example_users(run, split, tables, sorted(common), config.examples, context.seed),
         "summary_probe": probe,
@@ -282,6 +310,8 @@ def markdown(result: dict, full: bool = True) -> str:
         lines.append(f"Lists scored per method (the table uses the {result['lists']} shared): {partial}")
     else:
         lines.append(f"Chance level: {result['chance_note']}.")
+    if result.get("left_out"):
+        lines.append("Left out (scored from other prepared data; score them again): " + ", ".join(result["left_out"]) + ".")
     families: dict[str, list[str]] = {}
     for method, row in result["methods"].items():
         families.setdefault(row.get("family", "other"), []).append(method)

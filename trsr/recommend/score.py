@@ -192,7 +192,7 @@ def score_job(config: ScoreConfig, run: RunFolder, split: str) -> StageJob:
         block_stats=_block_stats,
         units=_lists_in,
         details={"method": method, "split": split, "model": engine.model, "adapter": engine.lora_adapter,
-                 "family": "llm", "summary_mode": mode},
+                 "family": "llm", "summary_mode": mode, "prepared": run.prepared_fingerprint()},
         keep=keep,
         decline_reason=decline_reason,
     )
