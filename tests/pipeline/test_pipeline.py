@@ -91,6 +91,25 @@ def test_rerun_skips_every_stage_and_a_change_reruns_only_what_it_touches(finish
     assert third["score llm-trsr-recurrent"]["test"]["skipped"] is False
 
 
+def test_new_training_texts_retrain_from_scratch_over_the_old_checkpoints(finished_run, tmp_path):
+    """Training texts that changed (fewer lists here; new summaries do the same) clear
+    the old LoRA checkpoints as any stage clears outputs of another fingerprint; they
+    used to stop the run ("holds checkpoints of a different training setup")."""
+    import shutil
+
+    from trsr.recommend.sft import train
+
+    experiment, first = finished_run
+    shutil.copytree(experiment.run_dir, tmp_path / "run")  # the shared run stays as it is
+    changed = tiny_experiment(tmp_path, experiment.score.engine.model, "train.max_lists=8", "train.valid_lists=0")
+    before = first["train llm-trsr-hierarchical"]
+    result = train(changed.train, changed.score, changed.context())
+    assert result["skipped"] is False and result["lists"] == 8 and before["lists"] == 12
+    assert result["resumed_from_epoch"] == 0 and result["epochs_run"] == 1
+    assert result["lora_dir"].startswith(str(tmp_path / "run"))
+    assert train(changed.train, changed.score, changed.context())["skipped"] is True
+
+
 def test_stages_out_of_order_and_bad_configs_fail_clearly(tmp_path, tiny_model, ray_local):
     from trsr.data.prepare import prepare
     from trsr.recommend.score import score

@@ -187,6 +187,10 @@ def train(config: SFTConfig, score_config: ScoreConfig, context: RunContext, for
         return dict(storage.read_json(result_path), skipped=True)
 
     started = time.perf_counter()
+    # The stage rule (StageFolder.begin): anything of another fingerprint here, texts
+    # and LoRA checkpoints alike, is cleared (new summaries or settings retrain from
+    # scratch); an unfinished run of this fingerprint resumes from its checkpoints.
+    resume = stage.begin(key, force=force)
     texts = texts_job(config, score_config, run, lora.model)
     ranking_lists.check_summaries(texts.name, texts.inputs, texts.where, score_config.prompt)
     texts_stats = run_stage(texts, context.runner, force=force)
@@ -206,7 +210,7 @@ def train(config: SFTConfig, score_config: ScoreConfig, context: RunContext, for
     lora = lora.model_copy(update={"seed": context.seed + lora.seed})
     # Grouped by list: the candidates of a list share the user part of the prompt.
     trained = train_lora(
-        lora, texts.folder.path, valid_fn, storage_path=folder, resume=not force, group_column="list_id"
+        lora, texts.folder.path, valid_fn, storage_path=folder, resume=resume, group_column="list_id"
     )
     result = {
         "method": method,
