@@ -58,10 +58,11 @@ def stale_methods(run: RunFolder, methods: list[str], split: str) -> dict[str, s
         return {}
     stale = {}
     for method in methods:
-        made_from = run.scores(method, split).details().get("prepared")
+        folder = run.scores(method, split)
+        made_from = folder.details().get("prepared")
         if made_from and made_from != current:
             stale[method] = (
-                f"{run.scores(method, split).path}: scored from other prepared data (fingerprint {made_from}, "
+                f"{folder.path}: scored from other prepared data (fingerprint {made_from}, "
                 f"the run's is {current}); score {method!r} again"
             )
     return stale
